@@ -1,0 +1,31 @@
+# polar-meter. Two commands set everything up on a fresh Debian machine (as root):
+#   make up    install what is missing, build, start PostgreSQL (+ pg_cron + polar_meter)
+#   make test  install what is missing, build, run every test suite
+SHELL := /bin/bash
+PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
+
+.PHONY: up down test deps build install-extension clean
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	cargo build -p polar-meterd
+	cargo pgrx install -p polar_meter --pg-config $(PG_CONFIG)
+
+install-extension: deps
+	cargo pgrx install -p polar_meter --pg-config $(PG_CONFIG)
+
+up: build
+	@scripts/up.sh
+
+down:
+	@scripts/up.sh down
+
+test: deps
+	@scripts/test.sh
+
+clean: down
+	scripts/cluster.sh destroy dev
+	scripts/cluster.sh destroy test
+	cargo clean

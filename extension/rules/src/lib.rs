@@ -1,0 +1,9 @@
+//! The rules of polar-meter that need no database: each lives here once, the
+//! extension exposes them to SQL, and plain `cargo test` covers them.
+pub mod backoff;
+pub mod drift;
+pub mod keys;
+pub mod sqlstate;
+pub mod validate;
+
+pub use sqlstate::Violation;

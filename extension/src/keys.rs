@@ -1,0 +1,21 @@
+//! API keys: generation from the OS CSPRNG and the format check. Storage,
+//! verification and revocation are SQL in keys.sql.
+use pgrx::prelude::*;
+use polar_meter_rules::keys;
+
+pgrx::extension_sql_file!(
+    "keys.sql",
+    name = "keys",
+    requires = [_generate_api_key, _api_key_wellformed]
+);
+
+/// A new plaintext key. Volatile: every call draws fresh randomness.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _generate_api_key() -> String {
+    keys::generate().unwrap_or_else(|e| error!("polar_meter: OS random source failed: {e}"))
+}
+
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _api_key_wellformed(key: &str) -> bool {
+    keys::is_wellformed(key)
+}

@@ -1,0 +1,159 @@
+-- API keys: create, list, revoke, verify. The plaintext key exists only in
+-- create_api_key's result; the table keeps sha256(key).
+
+CREATE FUNCTION meter._key_hash(key text) RETURNS bytea
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT sha256(convert_to(key, 'UTF8')) $$;
+COMMENT ON FUNCTION meter._key_hash(text) IS 'Internal: what api_key.key_hash stores for a key (SHA-256 of its UTF-8 bytes).';
+
+CREATE FUNCTION meter.known_permissions() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT ARRAY['fence:meter', 'keys:manage'] $$;
+COMMENT ON FUNCTION meter.known_permissions() IS
+  'Permissions a key can hold: fence:meter (record events), keys:manage (manage its org''s keys over HTTP).';
+
+CREATE FUNCTION meter.create_api_key(
+    org_id text,
+    name text,
+    permissions text[] DEFAULT '{fence:meter}',
+    expires_at timestamptz DEFAULT NULL
+) RETURNS TABLE (id uuid, key text, start text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+DECLARE
+    v_key  text := meter._generate_api_key();
+    v_id   uuid;
+    v_bad  text[];
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = create_api_key.org_id) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM030', MESSAGE = format('org_id %L is not a known organization', org_id);
+    END IF;
+    IF create_api_key.name IS NULL OR length(btrim(create_api_key.name)) NOT BETWEEN 1 AND 128 THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM032', MESSAGE = 'name must be 1 to 128 characters, not blank';
+    END IF;
+    IF create_api_key.permissions IS NULL OR cardinality(create_api_key.permissions) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM031', MESSAGE = 'permissions must name at least one permission';
+    END IF;
+    SELECT array_agg(p) INTO v_bad FROM unnest(create_api_key.permissions) p
+    WHERE p IS NULL OR NOT p = ANY (meter.known_permissions());
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM031',
+            MESSAGE = format('permissions: unknown %s (known: %s)', v_bad, meter.known_permissions());
+    END IF;
+    IF create_api_key.expires_at IS NOT NULL AND create_api_key.expires_at <= now() THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM034', MESSAGE = 'expires_at must be in the future';
+    END IF;
+
+    INSERT INTO meter.api_key (organization_id, name, start, key_hash, permissions, expires_at)
+    VALUES (org_id, create_api_key.name, left(v_key, 7), meter._key_hash(v_key),
+            (SELECT array_agg(DISTINCT p ORDER BY p) FROM unnest(create_api_key.permissions) p),
+            create_api_key.expires_at)
+    RETURNING api_key.id INTO v_id;
+
+    PERFORM meter._audit(org_id, 'api_key.created', v_id::text,
+        jsonb_build_object('name', create_api_key.name, 'start', left(v_key, 7),
+                           'permissions', create_api_key.permissions, 'expires_at', create_api_key.expires_at));
+    RETURN QUERY SELECT v_id, v_key, left(v_key, 7);
+END
+$$;
+COMMENT ON FUNCTION meter.create_api_key(text, text, text[], timestamptz) IS
+  'Creates an API key for an organization and returns (id, key, start). The plaintext key is returned this once and never stored: only its SHA-256 is kept. Errors: PM030 unknown org, PM031 bad permissions, PM032 bad name, PM034 expires_at not in the future.';
+
+CREATE FUNCTION meter.list_api_keys(org_id text)
+RETURNS TABLE (id uuid, name text, start text, permissions text[], created_at timestamptz,
+               expires_at timestamptz, revoked_at timestamptz, last_used_at timestamptz)
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+    SELECT k.id, k.name, k.start, k.permissions, k.created_at, k.expires_at, k.revoked_at, k.last_used_at
+    FROM meter.api_key k
+    WHERE k.organization_id = org_id
+    ORDER BY k.created_at, k.id
+$$;
+COMMENT ON FUNCTION meter.list_api_keys(text) IS
+  'The keys of an organization, newest last. Never returns hashes or keys, only the start hint.';
+
+CREATE FUNCTION meter.revoke_api_key(id uuid) RETURNS timestamptz
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+DECLARE
+    v_org text;
+    v_revoked timestamptz;
+BEGIN
+    UPDATE meter.api_key k SET revoked_at = coalesce(k.revoked_at, now())
+    WHERE k.id = revoke_api_key.id
+    RETURNING k.organization_id, k.revoked_at INTO v_org, v_revoked;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM033', MESSAGE = format('api key %s does not exist', revoke_api_key.id);
+    END IF;
+    PERFORM meter._audit(v_org, 'api_key.revoked', revoke_api_key.id::text, '{}');
+    RETURN v_revoked;
+END
+$$;
+COMMENT ON FUNCTION meter.revoke_api_key(uuid) IS
+  'Revokes a key; the very next verify_api_key or record_event with it fails with PM003. Idempotent: returns when it was revoked. PM033 if no such key.';
+
+CREATE FUNCTION meter.verify_api_key(key text, permission text DEFAULT 'fence:meter')
+RETURNS TABLE (organization_id text, api_key_id uuid)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+DECLARE
+    r meter.api_key;
+BEGIN
+    -- Shape first: a malformed key never costs a lookup. Messages never echo the key.
+    IF key IS NULL OR NOT meter._api_key_wellformed(key) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM001', MESSAGE = 'api key is malformed: expected ak_ followed by 48 base62 characters';
+    END IF;
+    SELECT * INTO r FROM meter.api_key k WHERE k.key_hash = meter._key_hash(verify_api_key.key);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM002', MESSAGE = 'api key is not known';
+    END IF;
+    IF r.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM003', MESSAGE = format('api key %s has been revoked', r.start);
+    END IF;
+    IF r.expires_at IS NOT NULL AND r.expires_at <= now() THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM004', MESSAGE = format('api key %s expired at %s', r.start, r.expires_at);
+    END IF;
+    IF permission IS NOT NULL AND NOT permission = ANY (r.permissions) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM005',
+            MESSAGE = format('api key %s lacks the permission %s', r.start, permission);
+    END IF;
+    -- At most one write a minute per key; a key busy in another transaction
+    -- is skipped, not waited for.
+    IF r.last_used_at IS NULL OR r.last_used_at < now() - interval '1 minute' THEN
+        UPDATE meter.api_key k SET last_used_at = now()
+        WHERE k.id = (SELECT k2.id FROM meter.api_key k2 WHERE k2.id = r.id
+                      AND (k2.last_used_at IS NULL OR k2.last_used_at < now() - interval '1 minute')
+                      FOR NO KEY UPDATE SKIP LOCKED);
+    END IF;
+    RETURN QUERY SELECT r.organization_id, r.id;
+END
+$$;
+COMMENT ON FUNCTION meter.verify_api_key(text, text) IS
+  'Checks a key and a permission; returns (organization_id, api_key_id). Distinct SQLSTATEs: PM001 malformed, PM002 unknown, PM003 revoked, PM004 expired, PM005 missing permission. Writes last_used_at at most once a minute per key.';
+
+-- Keys and organizations are referenced by billing records; they are revoked,
+-- never deleted.
+CREATE FUNCTION meter._refuse_delete() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = 'PM041',
+        MESSAGE = format('rows of %I.%I cannot be deleted: billing records refer to them', TG_TABLE_SCHEMA, TG_TABLE_NAME);
+END
+$$;
+COMMENT ON FUNCTION meter._refuse_delete() IS 'Internal trigger: refuses DELETE and TRUNCATE on tables that billing records refer to.';
+CREATE TRIGGER api_key_no_delete BEFORE DELETE ON meter.api_key
+    FOR EACH ROW EXECUTE FUNCTION meter._refuse_delete();
+CREATE TRIGGER organization_no_delete BEFORE DELETE ON meter.organization
+    FOR EACH ROW EXECUTE FUNCTION meter._refuse_delete();
+CREATE TRIGGER meter_event_no_delete BEFORE DELETE ON meter.meter_event
+    FOR EACH ROW EXECUTE FUNCTION meter._refuse_delete();

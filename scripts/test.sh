@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every test suite, in the order CI runs them (STYLE.md): format, lints, pure
+# unit tests, then the extension installed into a throwaway cluster and the
+# end-to-end suites against it. Prints a Postgres log tail on failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+export PM_PG_PORT=${PM_PG_PORT:-55432}
+PSQL=(psql -h 127.0.0.1 -p "$PM_PG_PORT" -U postgres -X -q -v ON_ERROR_STOP=1)
+
+step() { printf '\n==> %s\n' "$*"; }
+on_exit() {
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        step "FAILED (exit $rc); last lines of the test cluster's log:"
+        scripts/cluster.sh log test
+    fi
+    scripts/cluster.sh stop test || true
+    exit $rc
+}
+trap on_exit EXIT
+
+step "format"
+cargo fmt --all --check
+
+step "clippy"
+cargo clippy -p polar_meter_rules -p polar-meterd -p pm-e2e --all-targets -- -D warnings
+cargo clippy -p polar_meter -- -D warnings
+
+step "unit tests (pure rules, sidecar)"
+cargo test -p polar_meter_rules -p polar-meterd
+
+step "install the extension"
+cargo pgrx install -p polar_meter --pg-config "$PG_CONFIG" 2>&1 | tail -n 1
+
+step "throwaway cluster on 127.0.0.1:$PM_PG_PORT"
+scripts/cluster.sh destroy test
+scripts/cluster.sh start test "$PM_PG_PORT" pm_cron
+"${PSQL[@]}" -c "CREATE DATABASE pm_template" -c "CREATE DATABASE pm_cron"
+"${PSQL[@]}" -d pm_template -c "CREATE EXTENSION polar_meter" 2>/dev/null
+"${PSQL[@]}" -d pm_cron -c "CREATE EXTENSION pg_cron" -c "CREATE EXTENSION polar_meter"
+
+step "end-to-end suites"
+cargo build -p polar-meterd
+cargo test -p pm-e2e

@@ -1,0 +1,260 @@
+//! API keys through SQL: format, hashing, verify's distinct SQLSTATEs, revoke.
+use pm_e2e::{db_error, sqlstate, TestDb};
+
+#[tokio::test]
+async fn ten_thousand_generated_keys_are_wellformed_and_unique() {
+    let db = TestDb::new().await;
+    let c = db.admin().await;
+    let row = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT k), bool_and(k ~ '^ak_[0-9A-Za-z]{48}$')
+             FROM (SELECT meter._generate_api_key() k FROM generate_series(1, 10000)) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 10_000);
+    assert_eq!(row.get::<_, i64>(1), 10_000);
+    assert!(row.get::<_, bool>(2));
+}
+
+#[tokio::test]
+async fn create_returns_the_key_once_and_stores_only_its_hash() {
+    let db = TestDb::new().await;
+    let c = db.admin().await;
+    db.org(&c, "acme").await;
+    let row = c
+        .query_one(
+            "SELECT id, key, start FROM meter.create_api_key('acme', 'ci')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (id, key, start): (uuid::Uuid, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert!(key.starts_with("ak_") && key.len() == 51);
+    assert_eq!(start, &key[..7]);
+    let stored = c
+        .query_one("SELECT key_hash = sha256(convert_to($2, 'UTF8')), permissions FROM meter.api_key WHERE id = $1", &[&id, &key])
+        .await
+        .unwrap();
+    assert!(stored.get::<_, bool>(0));
+    assert_eq!(stored.get::<_, Vec<String>>(1), vec!["fence:meter"]);
+    // The plaintext appears nowhere in the database.
+    let leaks: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM meter.api_key k WHERE k::text LIKE '%' || $1 || '%')
+                  + (SELECT count(*) FROM meter.audit_log a WHERE a::text LIKE '%' || $1 || '%')",
+            &[&&key[3..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leaks, 0);
+    // list_api_keys has no hash column.
+    let cols: Vec<String> = c
+        .query("SELECT * FROM meter.list_api_keys('acme')", &[])
+        .await
+        .unwrap()[0]
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    assert!(
+        !cols.iter().any(|c| c.contains("hash") || c == "key"),
+        "{cols:?}"
+    );
+    assert!(cols.contains(&"start".to_string()));
+    // Creation is audited.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM meter.audit_log WHERE action = 'api_key.created' AND subject = $1", &[&id.to_string()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn create_rejects_bad_arguments_with_distinct_codes() {
+    let db = TestDb::new().await;
+    let c = db.admin().await;
+    db.org(&c, "acme").await;
+    assert_eq!(
+        sqlstate(
+            c.query("SELECT * FROM meter.create_api_key('nope', 'x')", &[])
+                .await
+        ),
+        "PM030"
+    );
+    assert_eq!(
+        sqlstate(
+            c.query("SELECT * FROM meter.create_api_key('acme', '  ')", &[])
+                .await
+        ),
+        "PM032"
+    );
+    let (code, msg) = db_error(
+        c.query(
+            "SELECT * FROM meter.create_api_key('acme', 'x', '{fence:meter,root}')",
+            &[],
+        )
+        .await,
+    );
+    assert_eq!(code, "PM031");
+    assert!(msg.contains("root"), "{msg}");
+    assert_eq!(
+        sqlstate(
+            c.query("SELECT * FROM meter.create_api_key('acme', 'x', '{}')", &[])
+                .await
+        ),
+        "PM031"
+    );
+    assert_eq!(
+        sqlstate(c.query("SELECT * FROM meter.create_api_key('acme', 'x', expires_at => now() - interval '1s')", &[]).await),
+        "PM034"
+    );
+}
+
+#[tokio::test]
+async fn verify_has_a_distinct_sqlstate_per_failure() {
+    let db = TestDb::new().await;
+    let c = db.admin().await;
+    db.org(&c, "acme").await;
+    let (id, key) = db.key(&c, "acme", &["fence:meter"]).await;
+    let verify = |k: String, p: &'static str| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT organization_id, api_key_id FROM meter.verify_api_key($1, $2)",
+                &[&k, &p],
+            )
+            .await
+        }
+    };
+    let ok = verify(key.clone(), "fence:meter").await.unwrap();
+    assert_eq!(ok.get::<_, String>(0), "acme");
+    assert_eq!(ok.get::<_, uuid::Uuid>(1), id);
+
+    for malformed in [
+        "",
+        "ak_short",
+        "sk_live_xxx",
+        &format!("{key}x"),
+        &key.replace("ak_", "ak-"),
+    ] {
+        assert_eq!(
+            sqlstate(verify(malformed.to_string(), "fence:meter").await),
+            "PM001",
+            "{malformed}"
+        );
+    }
+    let unknown = format!("ak_{}", "Z".repeat(48));
+    let (code, msg) = db_error(verify(unknown.clone(), "fence:meter").await);
+    assert_eq!(code, "PM002");
+    assert!(
+        !msg.contains(&unknown[3..]),
+        "error must not echo the key: {msg}"
+    );
+    assert_eq!(sqlstate(verify(key.clone(), "keys:manage").await), "PM005");
+
+    // Expired: as a DBA, move the expiry into the past.
+    c.execute(
+        "UPDATE meter.api_key SET expires_at = now() - interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    assert_eq!(sqlstate(verify(key.clone(), "fence:meter").await), "PM004");
+    c.execute(
+        "UPDATE meter.api_key SET expires_at = NULL WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    verify(key.clone(), "fence:meter").await.unwrap();
+
+    // Revoked: effective on the very next call.
+    c.query_one("SELECT meter.revoke_api_key($1)", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(sqlstate(verify(key.clone(), "fence:meter").await), "PM003");
+    // Revoking again is idempotent; an unknown id is PM033.
+    c.query_one("SELECT meter.revoke_api_key($1)", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(
+        sqlstate(
+            c.query_one("SELECT meter.revoke_api_key(gen_random_uuid())", &[])
+                .await
+        ),
+        "PM033"
+    );
+    let audited: i64 = c
+        .query_one("SELECT count(*) FROM meter.audit_log WHERE action = 'api_key.revoked' AND subject = $1", &[&id.to_string()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 2);
+}
+
+#[tokio::test]
+async fn revoke_applies_to_the_next_record_event_from_another_session() {
+    let db = TestDb::new().await;
+    let dba = db.admin().await;
+    let app = db.admin().await;
+    db.org(&dba, "acme").await;
+    let (id, key) = db.key(&dba, "acme", &["fence:meter"]).await;
+    let rec = |k: &str, idem: &str| {
+        let (k, idem, app) = (k.to_string(), idem.to_string(), &app);
+        async move {
+            app.query_one(
+                "SELECT status FROM meter.record_event($1, $2, 'api.request', now(), '{}')",
+                &[&k, &idem],
+            )
+            .await
+        }
+    };
+    rec(&key, "a").await.unwrap();
+    dba.query_one("SELECT meter.revoke_api_key($1)", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(sqlstate(rec(&key, "b").await), "PM003");
+}
+
+#[tokio::test]
+async fn last_used_at_is_written_at_most_once_a_minute() {
+    let db = TestDb::new().await;
+    let c = db.admin().await;
+    db.org(&c, "acme").await;
+    let (id, key) = db.key(&c, "acme", &["fence:meter"]).await;
+    let last = || async {
+        c.query_one(
+            "SELECT last_used_at FROM meter.api_key WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<chrono::DateTime<chrono::Utc>>>(0)
+    };
+    assert!(last().await.is_none());
+    c.query("SELECT * FROM meter.verify_api_key($1)", &[&key])
+        .await
+        .unwrap();
+    let first = last().await.expect("set on first use");
+    for _ in 0..5 {
+        c.query("SELECT * FROM meter.verify_api_key($1)", &[&key])
+            .await
+            .unwrap();
+    }
+    assert_eq!(last().await, Some(first), "not rewritten within the minute");
+    c.execute(
+        "UPDATE meter.api_key SET last_used_at = now() - interval '61 seconds' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let stale = last().await;
+    c.query("SELECT * FROM meter.verify_api_key($1)", &[&key])
+        .await
+        .unwrap();
+    assert!(last().await > stale, "rewritten once a minute has passed");
+}

@@ -27,6 +27,10 @@ GRANT EXECUTE ON FUNCTION
     meter.record_event(text, text, text, text, jsonb),
     meter.record_event(text, text, text, timestamptz, jsonb),
     meter.verify_api_key(text, text),
+    meter.create_own_api_key(text, text, text[], timestamptz),
+    meter.list_own_api_keys(text),
+    meter.revoke_own_api_key(text, uuid),
+    meter.extension_version(),
     meter.drain_meter_outbox(),
     meter.seal_audit_log(int)
 TO polar_meter_sidecar;

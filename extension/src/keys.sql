@@ -157,3 +157,74 @@ CREATE TRIGGER organization_no_delete BEFORE DELETE ON meter.organization
     FOR EACH ROW EXECUTE FUNCTION meter._refuse_delete();
 CREATE TRIGGER meter_event_no_delete BEFORE DELETE ON meter.meter_event
     FOR EACH ROW EXECUTE FUNCTION meter._refuse_delete();
+
+-- The same operations for the holder of a keys:manage key, confined to the
+-- key's own organization. These are what the HTTP API calls (one call per
+-- request); the first key of an org is made with create_api_key by a DBA.
+
+CREATE FUNCTION meter.create_own_api_key(
+    api_key text,
+    name text,
+    permissions text[] DEFAULT NULL,
+    expires_at timestamptz DEFAULT NULL
+) RETURNS TABLE (id uuid, key text, start text, granted text[], valid_until timestamptz)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+DECLARE
+    v_org text;
+    v_perms text[] := coalesce(create_own_api_key.permissions, '{fence:meter}');
+BEGIN
+    SELECT v.organization_id INTO v_org FROM meter.verify_api_key(create_own_api_key.api_key, 'keys:manage') v;
+    SELECT c.id, c.key, c.start INTO id, key, start
+    FROM meter.create_api_key(v_org, create_own_api_key.name, v_perms, create_own_api_key.expires_at) c;
+    -- A separate statement: the row inserted above is visible only from here.
+    SELECT k.permissions, k.expires_at INTO granted, valid_until FROM meter.api_key k WHERE k.id = create_own_api_key.id;
+    RETURN NEXT;
+END
+$$;
+COMMENT ON FUNCTION meter.create_own_api_key(text, text, text[], timestamptz) IS
+  'create_api_key for the organization of api_key, which must hold keys:manage (PM001-PM005 otherwise). permissions default to {fence:meter}. Returns the new key once, with the permissions it was granted and its expiry.';
+
+CREATE FUNCTION meter.list_own_api_keys(api_key text)
+RETURNS TABLE (id uuid, name text, start text, permissions text[], created_at timestamptz,
+               expires_at timestamptz, revoked_at timestamptz, last_used_at timestamptz)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+DECLARE
+    v_org text;
+BEGIN
+    SELECT v.organization_id INTO v_org FROM meter.verify_api_key(list_own_api_keys.api_key, 'keys:manage') v;
+    RETURN QUERY SELECT * FROM meter.list_api_keys(v_org);
+END
+$$;
+COMMENT ON FUNCTION meter.list_own_api_keys(text) IS
+  'list_api_keys for the organization of api_key, which must hold keys:manage. No hashes.';
+
+CREATE FUNCTION meter.revoke_own_api_key(api_key text, id uuid) RETURNS timestamptz
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+DECLARE
+    v_org text;
+BEGIN
+    SELECT v.organization_id INTO v_org FROM meter.verify_api_key(revoke_own_api_key.api_key, 'keys:manage') v;
+    -- Another org's key is reported exactly like a missing one: no probing.
+    IF NOT EXISTS (SELECT 1 FROM meter.api_key k WHERE k.id = revoke_own_api_key.id AND k.organization_id = v_org) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM033', MESSAGE = format('api key %s does not exist', revoke_own_api_key.id);
+    END IF;
+    RETURN meter.revoke_api_key(revoke_own_api_key.id);
+END
+$$;
+COMMENT ON FUNCTION meter.revoke_own_api_key(text, uuid) IS
+  'revoke_api_key confined to the organization of api_key, which must hold keys:manage. A key of another org is PM033, as if it did not exist.';
+
+CREATE FUNCTION meter.extension_version() RETURNS text
+LANGUAGE sql STABLE
+AS $$ SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'polar_meter' $$;
+COMMENT ON FUNCTION meter.extension_version() IS
+  'The installed polar_meter version; polar-meterd''s /readyz compares it with its own.';

@@ -154,3 +154,149 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Root of the repository (for scripts and built binaries).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// A built binary of this workspace (built by `make test` before the suites).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let p = target_dir().join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run the suites through `make test`",
+        p.display()
+    );
+    p
+}
+
+/// A running `polar-meterd`, logged in as a fresh least-privilege role.
+/// Its stdout (JSON logs) is kept so tests can inspect what it logged.
+pub struct Sidecar {
+    child: tokio::process::Child,
+    pub base: String,
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Sidecar {
+    pub async fn start(db: &TestDb, env: &[(&str, &str)]) -> Sidecar {
+        Self::start_on(&db.name, pg::port(), env).await
+    }
+
+    pub async fn start_on(db: &str, port: u16, env: &[(&str, &str)]) -> Sidecar {
+        let role = format!("meterd_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect_port(db, "postgres", port).await;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
+            ))
+            .await
+            .unwrap();
+        let url = format!("postgres://{role}@{}:{port}/{db}", pg::host());
+        let mut cmd = tokio::process::Command::new(binary("polar-meterd"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("DATABASE_URL", url)
+            .env("POLAR_METER_LISTEN", "127.0.0.1:0")
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "debug,tokio_postgres=info,hyper=info,h2=info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn polar-meterd");
+        let stdout = child.stdout.take().unwrap();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                        }
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+            .await
+            .expect("polar-meterd did not report its address within 30s")
+            .expect("polar-meterd exited before listening");
+        Sidecar {
+            child,
+            base: format!("http://{addr}"),
+            logs,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub fn logs_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.pid().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(40), self.child.wait())
+            .await
+            .expect("polar-meterd did not exit after SIGTERM")
+            .unwrap()
+    }
+}
+
+pub async fn connect_port(db: &str, user: &str, port: u16) -> Client {
+    let url = format!("host={} port={port} user={user} dbname={db}", pg::host());
+    let (client, conn) = tokio_postgres::connect(&url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// An HTTP client for the suites: no pooling surprises, generous timeout.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A fresh idempotency key.
+pub fn idem() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}

@@ -1,0 +1,78 @@
+//! Configuration: environment variables, each with a matching --flag.
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+
+#[derive(Parser, Debug)]
+#[command(name = "polar-meterd", version = crate::VERSION, about = "polar-meter sidecar: HTTP API and Polar caller")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    /// PostgreSQL connection string, as a least-privilege role (member of
+    /// polar_meter_sidecar). Never logged: it may hold a password.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Polar organization access token (polar_oat_...). Never logged.
+    #[arg(long, env = "POLAR_ACCESS_TOKEN", hide_env_values = true)]
+    pub polar_access_token: Option<String>,
+
+    /// Polar API base URL; `sandbox` names https://sandbox-api.polar.sh.
+    #[arg(long, env = "POLAR_API_URL", default_value = "https://api.polar.sh")]
+    pub polar_api_url: String,
+
+    /// Address to listen on (127.0.0.1:0 picks a free port; the log says which).
+    #[arg(
+        long = "listen",
+        env = "POLAR_METER_LISTEN",
+        default_value = "127.0.0.1:8787"
+    )]
+    pub listen: SocketAddr,
+
+    /// Optional URL that receives alerts as JSON POSTs.
+    #[arg(long, env = "ALERT_WEBHOOK_URL", hide_env_values = true)]
+    pub alert_webhook_url: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+
+    /// Database connections kept by the pool.
+    #[arg(long, env = "POLAR_METER_DB_POOL_SIZE", default_value_t = 32)]
+    pub db_pool_size: usize,
+
+    /// Largest request body accepted, in bytes (enforced while reading).
+    #[arg(long, env = "POLAR_METER_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Seconds to wait for in-flight requests on SIGTERM/SIGINT.
+    #[arg(long, env = "POLAR_METER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+impl Config {
+    pub fn polar_base_url(&self) -> String {
+        match self.polar_api_url.as_str() {
+            "sandbox" => "https://sandbox-api.polar.sh".into(),
+            "production" => "https://api.polar.sh".into(),
+            url => url.trim_end_matches('/').into(),
+        }
+    }
+}

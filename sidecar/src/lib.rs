@@ -1,0 +1,14 @@
+//! polar-meterd: a thin sidecar in front of the polar_meter extension.
+//! Every HTTP request is one SQL function call; every rule (validation, key
+//! checks, idempotency) lives in the extension, and this crate only maps its
+//! SQLSTATEs to HTTP.
+pub mod agent_config;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod metrics;
+pub mod problem;
+pub mod routes;
+
+/// Version of this binary; /readyz requires the installed extension to match.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

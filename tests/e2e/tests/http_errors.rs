@@ -1,0 +1,374 @@
+//! Every error of DESIGN.md's status list, produced by a real request and
+//! checked for status, problem+json and its stable type.
+use pm_e2e::{http, idem, now_rfc3339, Sidecar, TestDb};
+use serde_json::{json, Value};
+
+const T: &str = "https://polar-meter.dev/problems/";
+
+async fn check(resp: reqwest::Response, status: u16, slug: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status, "for {slug}");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(
+        ct.as_deref(),
+        Some("application/problem+json"),
+        "for {slug}"
+    );
+    let www = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
+    let retry = resp.headers().get("retry-after").is_some();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], format!("{T}{slug}"), "{v}");
+    assert_eq!(v["status"], status);
+    assert!(v["title"].is_string() && v["detail"].is_string(), "{v}");
+    if status == 401 {
+        assert!(
+            www.as_deref()
+                .is_some_and(|w| w.starts_with("Bearer realm=\"polar-meter\"")),
+            "401 carries WWW-Authenticate"
+        );
+    }
+    if status == 503 {
+        assert!(retry, "503 carries Retry-After");
+    }
+    v
+}
+
+#[tokio::test]
+async fn every_error_has_its_status_and_type() {
+    let db = TestDb::new().await;
+    let pg = db.admin().await;
+    db.org(&pg, "acme").await;
+    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (_, manage_only) = db.key(&pg, "acme", &["keys:manage"]).await;
+    let (expired_id, expired) = db.key(&pg, "acme", &["fence:meter"]).await;
+    pg.execute(
+        "UPDATE meter.api_key SET expires_at = now() - interval '1 minute' WHERE id = $1",
+        &[&expired_id],
+    )
+    .await
+    .unwrap();
+    let (revoked_id, revoked) = db.key(&pg, "acme", &["fence:meter"]).await;
+    pg.query_one("SELECT meter.revoke_api_key($1)", &[&revoked_id])
+        .await
+        .unwrap();
+    let side = Sidecar::start(&db, &[]).await;
+    let url = side.url("/api/v1/meter");
+    let c = http();
+    let good = json!({"event_name": "api.request", "event_timestamp": now_rfc3339(), "metadata": {"n": 1}});
+    let send = |key: Option<&str>, idem: Option<&str>, ct: Option<&str>, body: Vec<u8>| {
+        let mut r = c.post(&url).body(body);
+        if let Some(k) = key {
+            r = r.header("authorization", format!("Bearer {k}"));
+        }
+        if let Some(i) = idem {
+            r = r.header("idempotency-key", i);
+        }
+        if let Some(ct) = ct {
+            r = r.header("content-type", ct);
+        }
+        r.send()
+    };
+    let json_ct = Some("application/json");
+    let body = |v: &Value| serde_json::to_vec(v).unwrap();
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v = good.clone();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+
+    // 400s
+    check(
+        send(Some(&key), Some(&idem()), json_ct, b"{not json".to_vec())
+            .await
+            .unwrap(),
+        400,
+        "malformed-body",
+    )
+    .await;
+    check(
+        send(
+            Some(&key),
+            Some(&idem()),
+            json_ct,
+            b"{\"event_name\":\"a\"}".to_vec(),
+        )
+        .await
+        .unwrap(),
+        400,
+        "malformed-body",
+    )
+    .await;
+    let v = check(
+        send(
+            Some(&key),
+            Some(&idem()),
+            json_ct,
+            with(&|v| v["event_timestamp"] = json!(17)),
+        )
+        .await
+        .unwrap(),
+        400,
+        "malformed-body",
+    )
+    .await;
+    assert!(
+        v["detail"].as_str().unwrap().contains("event_timestamp"),
+        "{v}"
+    );
+    check(
+        send(
+            Some(&key),
+            Some(&idem()),
+            json_ct,
+            with(&|v| v["surprise"] = json!(1)),
+        )
+        .await
+        .unwrap(),
+        400,
+        "malformed-body",
+    )
+    .await;
+    check(
+        send(Some(&key), None, json_ct, body(&good)).await.unwrap(),
+        400,
+        "invalid-idempotency-key",
+    )
+    .await;
+    check(
+        send(Some(&key), Some(&"x".repeat(256)), json_ct, body(&good))
+            .await
+            .unwrap(),
+        400,
+        "invalid-idempotency-key",
+    )
+    .await;
+    check(
+        send(
+            Some(&key),
+            Some(&idem()),
+            json_ct,
+            with(&|v| v["event_name"] = json!("n".repeat(129))),
+        )
+        .await
+        .unwrap(),
+        400,
+        "invalid-event-name",
+    )
+    .await;
+    let v = check(
+        send(
+            Some(&key),
+            Some(&idem()),
+            json_ct,
+            with(&|v| v["metadata"] = json!({"deep": {"x": 1}})),
+        )
+        .await
+        .unwrap(),
+        400,
+        "invalid-metadata",
+    )
+    .await;
+    assert!(
+        v["detail"].as_str().unwrap().contains("metadata.deep"),
+        "{v}"
+    );
+    check(
+        send(
+            Some(&key),
+            Some(&idem()),
+            json_ct,
+            with(&|v| v["metadata"] = json!({"nul": "a\u{0}b"})),
+        )
+        .await
+        .unwrap(),
+        400,
+        "invalid-input",
+    )
+    .await;
+    check(
+        send(
+            Some(&key),
+            Some(&idem()),
+            json_ct,
+            with(&|v| v["event_timestamp"] = json!("2026-01-01T00:00:00")),
+        )
+        .await
+        .unwrap(),
+        400,
+        "invalid-timestamp",
+    )
+    .await;
+    check(
+        send(
+            Some(&key),
+            Some(&idem()),
+            json_ct,
+            with(&|v| v["event_timestamp"] = json!("2999-01-01T00:00:00Z")),
+        )
+        .await
+        .unwrap(),
+        400,
+        "timestamp-in-future",
+    )
+    .await;
+    // 401s
+    check(
+        send(None, Some(&idem()), json_ct, body(&good))
+            .await
+            .unwrap(),
+        401,
+        "missing-credentials",
+    )
+    .await;
+    check(
+        c.post(&url)
+            .header("authorization", "Basic dXNlcjpwdw==")
+            .header("idempotency-key", "x")
+            .json(&good)
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "missing-credentials",
+    )
+    .await;
+    check(
+        send(Some("ak_nope"), Some(&idem()), json_ct, body(&good))
+            .await
+            .unwrap(),
+        401,
+        "malformed-api-key",
+    )
+    .await;
+    check(
+        send(
+            Some(&format!("ak_{}", "0".repeat(48))),
+            Some(&idem()),
+            json_ct,
+            body(&good),
+        )
+        .await
+        .unwrap(),
+        401,
+        "unknown-api-key",
+    )
+    .await;
+    check(
+        send(Some(&revoked), Some(&idem()), json_ct, body(&good))
+            .await
+            .unwrap(),
+        401,
+        "revoked-api-key",
+    )
+    .await;
+    check(
+        send(Some(&expired), Some(&idem()), json_ct, body(&good))
+            .await
+            .unwrap(),
+        401,
+        "expired-api-key",
+    )
+    .await;
+    // 403
+    check(
+        send(Some(&manage_only), Some(&idem()), json_ct, body(&good))
+            .await
+            .unwrap(),
+        403,
+        "insufficient-permission",
+    )
+    .await;
+    // 413: declared, and streamed without a length.
+    let big = with(&|v| v["metadata"] = json!({"s": "x".repeat(70_000)}));
+    check(
+        send(Some(&key), Some(&idem()), json_ct, big.clone())
+            .await
+            .unwrap(),
+        413,
+        "body-too-large",
+    )
+    .await;
+    let stream = reqwest::Body::wrap_stream(futures_util::stream::iter(
+        big.chunks(8192)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    ));
+    // The server answers 413 as soon as the limit is crossed and closes the
+    // connection, so a client still writing may see the pipe break instead.
+    let streamed = c
+        .post(&url)
+        .bearer_auth(&key)
+        .header("idempotency-key", idem())
+        .header("content-type", "application/json")
+        .body(stream)
+        .send()
+        .await;
+    match streamed {
+        Ok(r) => {
+            check(r, 413, "body-too-large").await;
+        }
+        Err(e) => assert!(e.is_request(), "only a body write may fail: {e}"),
+    }
+    // 415
+    check(
+        send(Some(&key), Some(&idem()), Some("text/plain"), body(&good))
+            .await
+            .unwrap(),
+        415,
+        "unsupported-media-type",
+    )
+    .await;
+    check(
+        send(Some(&key), Some(&idem()), None, body(&good))
+            .await
+            .unwrap(),
+        415,
+        "unsupported-media-type",
+    )
+    .await;
+    // 422
+    let k = idem();
+    assert_eq!(
+        send(Some(&key), Some(&k), json_ct, body(&good))
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    check(
+        send(
+            Some(&key),
+            Some(&k),
+            json_ct,
+            with(&|v| v["metadata"]["n"] = json!(2)),
+        )
+        .await
+        .unwrap(),
+        422,
+        "idempotency-key-reused",
+    )
+    .await;
+    // 404 / 405
+    check(
+        c.get(side.url("/nope")).send().await.unwrap(),
+        404,
+        "not-found",
+    )
+    .await;
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["allow"], "POST");
+    check(r, 405, "method-not-allowed").await;
+
+    // None of the refused requests left a row; only the one 202 did.
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM meter.meter_event", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}

@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 
-.PHONY: up down test deps build install-extension clean
+.PHONY: up down test deps build install-extension clean bench
 
 deps:
 	@scripts/deps.sh
@@ -29,3 +29,7 @@ clean: down
 	scripts/cluster.sh destroy dev
 	scripts/cluster.sh destroy test
 	cargo clean
+
+# Benchmarks (not tests): write their figures into BENCHMARKS.md.
+bench: deps
+	tests/bench/ingest.sh

@@ -36,9 +36,35 @@ scripts/cluster.sh start dev "$PORT" polar_meter durable
 "${PSQL[@]}" -tAc "SELECT 1 FROM pg_roles WHERE rolname = 'polar_meterd'" | grep -q 1 ||
     "${PSQL[@]}" -c "CREATE ROLE polar_meterd LOGIN IN ROLE polar_meter_sidecar"
 
+# The sidecar, as the least-privilege role.
+SIDECAR_URL=postgres://polar_meterd@127.0.0.1:$PORT/polar_meter
+LISTEN=${POLAR_METER_LISTEN:-127.0.0.1:8787}
+stop_pid polar-meterd
+DATABASE_URL=$SIDECAR_URL POLAR_METER_LISTEN=$LISTEN LOG_FORMAT=${LOG_FORMAT:-json} \
+    nohup target/debug/polar-meterd serve >>"$RUN/polar-meterd.log" 2>&1 &
+echo $! >"$RUN/polar-meterd.pid"
+for _ in $(seq 100); do
+    curl -fsS "http://$LISTEN/readyz" >/dev/null 2>&1 && break
+    kill -0 "$(cat "$RUN/polar-meterd.pid")" 2>/dev/null || { tail -n 20 "$RUN/polar-meterd.log"; exit 1; }
+    sleep 0.1
+done
+curl -fsS "http://$LISTEN/readyz" >/dev/null || { echo "polar-meterd is not ready; see $RUN/polar-meterd.log"; exit 1; }
+
 cat <<MSG
 
 polar-meter is up.
-  PostgreSQL   postgres://postgres@127.0.0.1:$PORT/polar_meter   (DBA: psql -h 127.0.0.1 -p $PORT -U postgres polar_meter)
-  sidecar role postgres://polar_meterd@127.0.0.1:$PORT/polar_meter (EXECUTE-only)
+  PostgreSQL   postgres://postgres@127.0.0.1:$PORT/polar_meter    (DBA)
+  sidecar DB   $SIDECAR_URL (EXECUTE-only role)
+  polar-meterd http://$LISTEN   (logs: .pm/run/polar-meterd.log)
+  stop with    make down
+
+Send a first event (copy and paste):
+
+  psql -h 127.0.0.1 -p $PORT -U postgres polar_meter -c "INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme') ON CONFLICT DO NOTHING"
+  KEY=\$(psql -h 127.0.0.1 -p $PORT -U postgres polar_meter -tAc "SELECT key FROM meter.create_api_key('acme', 'first key')")
+  TS=\$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  curl -s -X POST http://$LISTEN/api/v1/meter -H "Authorization: Bearer \$KEY" -H 'Idempotency-Key: first-1' \\
+       -H 'Content-Type: application/json' \\
+       -d "{\\"event_name\\":\\"api.request\\",\\"event_timestamp\\":\\"\$TS\\",\\"metadata\\":{\\"tokens\\":12}}"
+  # -> 202 {"status":"recorded",...}; the same curl again (same TS) -> {"status":"already_recorded",...}
 MSG

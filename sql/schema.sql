@@ -129,6 +129,13 @@ SELECT pg_catalog.pg_extension_config_dump('meter.audit_chain', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_run', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_run_id_seq', '');
 
+-- Results of the hot-path functions. Composite (not SETOF) returns make a call
+-- a plain expression: no set-returning machinery per recorded event.
+CREATE TYPE meter.key_identity AS (organization_id text, api_key_id uuid);
+COMMENT ON TYPE meter.key_identity IS 'What a verified API key stands for: its organization and its id.';
+CREATE TYPE meter.recording AS (status text, event_id uuid);
+COMMENT ON TYPE meter.recording IS 'The outcome of record_event: status recorded or already_recorded, and the event id.';
+
 -- Raises a rule violation returned by a Rust check as {sqlstate, message}.
 CREATE FUNCTION meter._raise(violation text[]) RETURNS void
 LANGUAGE plpgsql IMMUTABLE

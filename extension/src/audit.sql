@@ -1,24 +1,26 @@
 -- Audit log: append-only, hash-chained by an asynchronous sealer.
 
 CREATE FUNCTION meter._audit(organization_id text, action text, subject text, detail jsonb DEFAULT '{}')
-RETURNS void
+RETURNS bigint
 LANGUAGE plpgsql
-SET search_path = meter, pg_catalog
+-- No SET search_path: internal, called from SECURITY DEFINER functions that set it.
 AS $$
 DECLARE
-    v_id bigint;
+    v_id  bigint;
+    v_xid xid8;
 BEGIN
     -- Our transaction holds an xid (so the sealer sees it as a running
     -- writer) before it takes an id; created_at is read after the id.
-    PERFORM pg_current_xact_id();
+    v_xid := pg_current_xact_id();
     v_id := nextval('meter.audit_log_id_seq');
     INSERT INTO meter.audit_log (organization_id, id, action, subject, detail, created_at)
     VALUES (coalesce(_audit.organization_id, ''), v_id, _audit.action, _audit.subject,
             coalesce(_audit.detail, '{}'), clock_timestamp());
+    RETURN v_id;
 END
 $$;
 COMMENT ON FUNCTION meter._audit(text, text, text, jsonb) IS
-  'Internal: append an unsealed audit row. The sealer chains it later; nothing here locks a chain head.';
+  'Internal: append an unsealed audit row and return its id. The sealer chains it later; nothing here locks a chain head.';
 
 -- What a row's hash covers. One definition, used by the sealer and the verifier.
 CREATE FUNCTION meter._audit_digest(prev_hash bytea, a meter.audit_log) RETURNS bytea

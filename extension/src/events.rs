@@ -6,7 +6,14 @@ use polar_meter_rules::{sqlstate, validate, Violation};
 pgrx::extension_sql_file!(
     "events.sql",
     name = "events",
-    requires = ["keys", "audit", _event_violation, _timestamp_text_violation]
+    requires = [
+        "keys",
+        "audit",
+        _event_violation,
+        _timestamp_text_violation,
+        _payload_hash,
+        _external_id
+    ]
 );
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -82,4 +89,22 @@ fn _timestamp_text_violation(text: Option<&str>) -> Option<Vec<String>> {
     validate::event_timestamp_text(text)
         .err()
         .map(crate::violation)
+}
+
+/// See polar_meter_rules::ids::payload_fingerprint; `metadata` is jsonb's
+/// canonical text, the same text `_event_violation` judged.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _payload_hash(
+    event_name: &str,
+    event_timestamp: TimestampWithTimeZone,
+    metadata: &str,
+) -> Vec<u8> {
+    let unix = i64::from(event_timestamp).saturating_add(PG_EPOCH_UNIX_US);
+    polar_meter_rules::ids::payload_fingerprint(event_name, unix, metadata).to_vec()
+}
+
+/// See polar_meter_rules::ids::external_id.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _external_id(organization_id: &str, idempotency_key: &str) -> String {
+    polar_meter_rules::ids::external_id(organization_id, idempotency_key)
 }

@@ -6,7 +6,7 @@ use polar_meter_rules::keys;
 pgrx::extension_sql_file!(
     "keys.sql",
     name = "keys",
-    requires = [_generate_api_key, _api_key_wellformed]
+    requires = [_generate_api_key, _api_key_wellformed, _key_hash]
 );
 
 /// A new plaintext key. Volatile: every call draws fresh randomness.
@@ -18,4 +18,10 @@ fn _generate_api_key() -> String {
 #[pg_extern(immutable, strict, parallel_safe)]
 fn _api_key_wellformed(key: &str) -> bool {
     keys::is_wellformed(key)
+}
+
+/// What api_key.key_hash stores: SHA-256 of the key's bytes.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _key_hash(key: &str) -> Vec<u8> {
+    keys::hash(key).to_vec()
 }

@@ -1,9 +1,6 @@
 -- API keys: create, list, revoke, verify. The plaintext key exists only in
 -- create_api_key's result; the table keeps sha256(key).
 
-CREATE FUNCTION meter._key_hash(key text) RETURNS bytea
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$ SELECT sha256(convert_to(key, 'UTF8')) $$;
 COMMENT ON FUNCTION meter._key_hash(text) IS 'Internal: what api_key.key_hash stores for a key (SHA-256 of its UTF-8 bytes).';
 
 CREATE FUNCTION meter.known_permissions() RETURNS text[]
@@ -99,20 +96,24 @@ $$;
 COMMENT ON FUNCTION meter.revoke_api_key(uuid) IS
   'Revokes a key; the very next verify_api_key or record_event with it fails with PM003. Idempotent: returns when it was revoked. PM033 if no such key.';
 
-CREATE FUNCTION meter.verify_api_key(key text, permission text DEFAULT 'fence:meter')
-RETURNS TABLE (organization_id text, api_key_id uuid)
+CREATE FUNCTION meter._verify_api_key(key text, permission text)
+RETURNS meter.key_identity
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog
+-- Internal: called by SECURITY DEFINER functions that already set the
+-- search_path, so it pays for no second switch on the hot path.
 AS $$
 DECLARE
-    r meter.api_key;
+    r      meter.api_key;
+    v_hash bytea;
 BEGIN
     -- Shape first: a malformed key never costs a lookup. Messages never echo the key.
     IF key IS NULL OR NOT meter._api_key_wellformed(key) THEN
         RAISE EXCEPTION USING ERRCODE = 'PM001', MESSAGE = 'api key is malformed: expected ak_ followed by 48 base62 characters';
     END IF;
-    SELECT * INTO r FROM meter.api_key k WHERE k.key_hash = meter._key_hash(verify_api_key.key);
+    -- Hot path: values are computed into variables first, which plpgsql
+    -- evaluates as plain expressions; the query then only compares.
+    v_hash := meter._key_hash(key);
+    SELECT * INTO r FROM meter.api_key k WHERE k.key_hash = v_hash;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'PM002', MESSAGE = 'api key is not known';
     END IF;
@@ -134,7 +135,20 @@ BEGIN
                       AND (k2.last_used_at IS NULL OR k2.last_used_at < now() - interval '1 minute')
                       FOR NO KEY UPDATE SKIP LOCKED);
     END IF;
-    RETURN QUERY SELECT r.organization_id, r.id;
+    RETURN ROW(r.organization_id, r.id)::meter.key_identity;
+END
+$$;
+COMMENT ON FUNCTION meter._verify_api_key(text, text) IS
+  'Internal: verify_api_key without the SECURITY DEFINER switch, for functions that already made it.';
+
+CREATE FUNCTION meter.verify_api_key(key text, permission text DEFAULT 'fence:meter')
+RETURNS meter.key_identity
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+BEGIN
+    RETURN meter._verify_api_key(key, permission);
 END
 $$;
 COMMENT ON FUNCTION meter.verify_api_key(text, text) IS
@@ -176,7 +190,7 @@ DECLARE
     v_org text;
     v_perms text[] := coalesce(create_own_api_key.permissions, '{fence:meter}');
 BEGIN
-    SELECT v.organization_id INTO v_org FROM meter.verify_api_key(create_own_api_key.api_key, 'keys:manage') v;
+    v_org := (meter._verify_api_key(create_own_api_key.api_key, 'keys:manage')).organization_id;
     SELECT c.id, c.key, c.start INTO id, key, start
     FROM meter.create_api_key(v_org, create_own_api_key.name, v_perms, create_own_api_key.expires_at) c;
     -- A separate statement: the row inserted above is visible only from here.
@@ -197,7 +211,7 @@ AS $$
 DECLARE
     v_org text;
 BEGIN
-    SELECT v.organization_id INTO v_org FROM meter.verify_api_key(list_own_api_keys.api_key, 'keys:manage') v;
+    v_org := (meter._verify_api_key(list_own_api_keys.api_key, 'keys:manage')).organization_id;
     RETURN QUERY SELECT * FROM meter.list_api_keys(v_org);
 END
 $$;
@@ -212,7 +226,7 @@ AS $$
 DECLARE
     v_org text;
 BEGIN
-    SELECT v.organization_id INTO v_org FROM meter.verify_api_key(revoke_own_api_key.api_key, 'keys:manage') v;
+    v_org := (meter._verify_api_key(revoke_own_api_key.api_key, 'keys:manage')).organization_id;
     -- Another org's key is reported exactly like a missing one: no probing.
     IF NOT EXISTS (SELECT 1 FROM meter.api_key k WHERE k.id = revoke_own_api_key.id AND k.organization_id = v_org) THEN
         RAISE EXCEPTION USING ERRCODE = 'PM033', MESSAGE = format('api key %s does not exist', revoke_own_api_key.id);

@@ -2,6 +2,7 @@
 //! extension exposes them to SQL, and plain `cargo test` covers them.
 pub mod backoff;
 pub mod drift;
+pub mod ids;
 pub mod keys;
 pub mod sqlstate;
 pub mod validate;

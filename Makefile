@@ -10,7 +10,7 @@ deps:
 	@scripts/deps.sh
 
 build: deps
-	cargo build -p polar-meterd
+	cargo build -p polar-meterd -p polar-emulator
 	cargo pgrx install -p polar_meter --pg-config $(PG_CONFIG)
 
 install-extension: deps

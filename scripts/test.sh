@@ -24,11 +24,11 @@ step "format"
 cargo fmt --all --check
 
 step "clippy"
-cargo clippy -p polar_meter_rules -p polar-meterd -p pm-e2e --all-targets -- -D warnings
+cargo clippy -p polar_meter_rules -p polar-meterd -p polar-emulator -p pm-e2e --all-targets -- -D warnings
 cargo clippy -p polar_meter -- -D warnings
 
-step "unit tests (pure rules, sidecar)"
-cargo test -p polar_meter_rules -p polar-meterd
+step "unit tests (pure rules, sidecar, emulator)"
+cargo test -p polar_meter_rules -p polar-meterd -p polar-emulator
 
 step "install the extension"
 cargo pgrx install -p polar_meter --pg-config "$PG_CONFIG" 2>&1 | tail -n 1
@@ -41,5 +41,5 @@ scripts/cluster.sh start test "$PM_PG_PORT" pm_cron
 "${PSQL[@]}" -d pm_cron -c "CREATE EXTENSION pg_cron" -c "CREATE EXTENSION polar_meter"
 
 step "end-to-end suites"
-cargo build -p polar-meterd
+cargo build -p polar-meterd -p polar-emulator
 cargo test -p pm-e2e

@@ -36,6 +36,22 @@ scripts/cluster.sh start dev "$PORT" polar_meter durable
 "${PSQL[@]}" -tAc "SELECT 1 FROM pg_roles WHERE rolname = 'polar_meterd'" | grep -q 1 ||
     "${PSQL[@]}" -c "CREATE ROLE polar_meterd LOGIN IN ROLE polar_meter_sidecar"
 
+# Polar: the real one (or the sandbox) when POLAR_ACCESS_TOKEN is set,
+# otherwise the local emulator, so that everything works offline.
+stop_pid polar-emulator
+EMULATOR=127.0.0.1:8788
+if [ -z "${POLAR_ACCESS_TOKEN:-}" ]; then
+    EMU_TOKEN=polar_oat_emulator_local_development_token_0000000
+    POLAR_EMULATOR_LISTEN=$EMULATOR POLAR_EMULATOR_TOKENS=$EMU_TOKEN \
+        nohup target/debug/polar-emulator >>"$RUN/polar-emulator.log" 2>&1 &
+    echo $! >"$RUN/polar-emulator.pid"
+    export POLAR_ACCESS_TOKEN=$EMU_TOKEN POLAR_API_URL=http://$EMULATOR
+    POLAR_TARGET="the local Polar emulator at http://$EMULATOR (see what it holds: curl -s http://$EMULATOR/__admin/events)"
+else
+    export POLAR_API_URL=${POLAR_API_URL:-https://api.polar.sh}
+    POLAR_TARGET="$POLAR_API_URL"
+fi
+
 # The sidecar, as the least-privilege role.
 SIDECAR_URL=postgres://polar_meterd@127.0.0.1:$PORT/polar_meter
 LISTEN=${POLAR_METER_LISTEN:-127.0.0.1:8787}
@@ -56,6 +72,7 @@ polar-meter is up.
   PostgreSQL   postgres://postgres@127.0.0.1:$PORT/polar_meter    (DBA)
   sidecar DB   $SIDECAR_URL (EXECUTE-only role)
   polar-meterd http://$LISTEN   (logs: .pm/run/polar-meterd.log)
+  Polar        $POLAR_TARGET
   stop with    make down
 
 Send a first event (copy and paste):
@@ -67,4 +84,6 @@ Send a first event (copy and paste):
        -H 'Content-Type: application/json' \\
        -d "{\\"event_name\\":\\"api.request\\",\\"event_timestamp\\":\\"\$TS\\",\\"metadata\\":{\\"tokens\\":12}}"
   # -> 202 {"status":"recorded",...}; the same curl again (same TS) -> {"status":"already_recorded",...}
+  # Within seconds the sidecar delivers it; with the emulator:
+  curl -s http://$EMULATOR/__admin/events
 MSG

@@ -31,7 +31,16 @@ GRANT EXECUTE ON FUNCTION
     meter.list_own_api_keys(text),
     meter.revoke_own_api_key(text, uuid),
     meter.extension_version(),
-    meter.drain_meter_outbox(),
+    meter.drain_meter_outbox(int, interval, boolean),
+    meter.take_meter_batch(uuid, interval),
+    meter.delivery_sent(uuid, uuid[]),
+    meter.delivery_deferred(uuid, uuid[], interval),
+    meter.delivery_failed(uuid, uuid[], text),
+    meter.delivery_rejected(uuid, uuid[], text),
+    meter.claim_provisioning(int, interval),
+    meter.customer_provisioned(text, text),
+    meter.provisioning_failed(text, text),
+    meter.backfill_polar_customers(),
     meter.seal_audit_log(int)
 TO polar_meter_sidecar;
 

@@ -19,8 +19,13 @@ CREATE TABLE meter.organization (
     name              text NOT NULL CHECK (length(name) BETWEEN 1 AND 256),
     email             text,
     polar_customer_id text UNIQUE,
-    created_at        timestamptz NOT NULL DEFAULT now()
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    -- Provisioning of the Polar customer (see extension/src/provision.sql).
+    provision_attempts int NOT NULL DEFAULT 0,
+    provision_next_at  timestamptz NOT NULL DEFAULT now(),
+    provision_error    text
 );
+CREATE INDEX organization_unprovisioned ON meter.organization (provision_next_at) WHERE polar_customer_id IS NULL;
 COMMENT ON TABLE meter.organization IS
   'A customer of the platform; billed at Polar as a team customer with external_id = id.';
 
@@ -57,6 +62,7 @@ CREATE TABLE meter.meter_event (
     last_attempt_at   timestamptz,
     next_attempt_at   timestamptz NOT NULL DEFAULT now(),
     lease_expires_at  timestamptz,
+    batch_id          uuid,          -- the claim holding an in_flight row
     last_error        text,
     polar_event_id    text,
     sent_at           timestamptz,
@@ -104,6 +110,15 @@ CREATE TABLE meter.audit_chain (
     last_hash bytea NOT NULL DEFAULT '\x'
 );
 
+-- When each alert last fired, so a standing condition alerts once an hour,
+-- not on every cron tick.
+CREATE TABLE meter.alert_state (
+    kind            text NOT NULL,
+    organization_id text NOT NULL DEFAULT '',
+    last_at         timestamptz NOT NULL,
+    PRIMARY KEY (kind, organization_id)
+);
+
 CREATE SEQUENCE meter.reconcile_run_id_seq;
 CREATE TABLE meter.reconcile_run (
     id           bigint PRIMARY KEY DEFAULT nextval('meter.reconcile_run_id_seq'),
@@ -126,6 +141,7 @@ SELECT pg_catalog.pg_extension_config_dump('meter.meter_event', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.audit_chain', '');
+SELECT pg_catalog.pg_extension_config_dump('meter.alert_state', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_run', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_run_id_seq', '');
 

@@ -11,6 +11,7 @@ mod drift;
 mod events;
 mod keys;
 mod outbox;
+mod provision;
 mod schedules;
 
 pgrx::extension_sql_file!("../../sql/grants.sql", name = "grants", finalize);

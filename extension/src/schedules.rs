@@ -3,5 +3,5 @@
 pgrx::extension_sql_file!(
     "schedules.sql",
     name = "schedules",
-    requires = ["outbox", "drift", "audit"]
+    requires = ["outbox", "drift", "audit", "provision"]
 );

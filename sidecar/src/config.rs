@@ -13,8 +13,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum Command {
-    /// Serve the HTTP API (the default).
+    /// Serve the HTTP API and deliver to Polar (the default).
     Serve,
+    /// Queue every organization without a Polar customer, provision them all, and exit.
+    Backfill,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -56,6 +58,27 @@ pub struct Config {
     #[arg(long, env = "POLAR_METER_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Events per ingest call (the body is also kept under 10 MiB).
+    #[arg(long, env = "POLAR_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: i32,
+
+    /// Polar requests per minute, shared by every Polar call of this process
+    /// (Polar allows 500 in production, 100 in the sandbox). Default: 450, or 90 for the sandbox.
+    #[arg(long, env = "POLAR_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+
+    /// Timeout of one Polar call, in seconds (kept below the lease).
+    #[arg(long, env = "POLAR_TIMEOUT_SECS", default_value_t = 30)]
+    pub polar_timeout_secs: u64,
+
+    /// Seconds between outbox polls when no notification arrives.
+    #[arg(long, env = "POLAR_METER_POLL_SECS", default_value_t = 5)]
+    pub poll_secs: u64,
+
+    /// Lease on claimed events, in seconds: a sidecar that dies releases them after this.
+    #[arg(long, env = "POLAR_METER_LEASE_SECS", default_value_t = 120)]
+    pub lease_secs: u64,
+
     /// Seconds to wait for in-flight requests on SIGTERM/SIGINT.
     #[arg(long, env = "POLAR_METER_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -68,6 +91,17 @@ pub enum LogFormat {
 }
 
 impl Config {
+    pub fn polar_rate_limit(&self) -> u32 {
+        // A margin under Polar's documented limits: other clients of the
+        // same Polar organization share its budget.
+        self.rate_limit
+            .unwrap_or(if self.polar_base_url().contains("sandbox") {
+                90
+            } else {
+                450
+            })
+    }
+
     pub fn polar_base_url(&self) -> String {
         match self.polar_api_url.as_str() {
             "sandbox" => "https://sandbox-api.polar.sh".into(),

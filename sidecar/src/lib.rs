@@ -7,8 +7,10 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod metrics;
+pub mod polar;
 pub mod problem;
 pub mod routes;
+pub mod worker;
 
 /// Version of this binary; /readyz requires the installed extension to match.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -27,8 +27,66 @@ async fn shutdown_signal() {
     }
 }
 
+fn polar_client(cfg: &Config) -> Result<Option<Arc<polar_meterd::polar::Client>>, String> {
+    let Some(token) = cfg.polar_access_token.clone() else {
+        return Ok(None);
+    };
+    let client = polar_meterd::polar::Client::new(
+        cfg.polar_base_url(),
+        token,
+        cfg.polar_rate_limit(),
+        Duration::from_secs(cfg.polar_timeout_secs),
+    )?;
+    Ok(Some(Arc::new(client)))
+}
+
+fn worker_settings(cfg: &Config) -> polar_meterd::worker::Settings {
+    polar_meterd::worker::Settings {
+        database_url: cfg.database_url.clone(),
+        batch_size: cfg.batch_size.clamp(1, 10_000),
+        lease: Duration::from_secs(cfg.lease_secs.max(cfg.polar_timeout_secs + 10)),
+        poll: Duration::from_secs(cfg.poll_secs.max(1)),
+        alert_webhook_url: cfg.alert_webhook_url.clone(),
+    }
+}
+
+async fn backfill(cfg: Config) -> Result<(), String> {
+    let pool = polar_meterd::db::pool(&cfg.database_url, 2)?;
+    let polar = polar_client(&cfg)?.ok_or("backfill needs POLAR_ACCESS_TOKEN")?;
+    let c = pool.get().await.map_err(|e| e.to_string())?;
+    let queued: i64 = c
+        .query_one("SELECT meter.backfill_polar_customers()", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    drop(c);
+    let w = polar_meterd::worker::Workers::new(pool.clone(), polar, worker_settings(&cfg));
+    let done = w.provision_due().await?;
+    tracing::info!(queued, provisioned = done, "backfill finished");
+    println!("backfill: {queued} organizations queued, {done} provisioned");
+    if (done as i64) < queued {
+        return Err(format!(
+            "{} organizations could not be provisioned yet (see the log; they are retried)",
+            queued - done as i64
+        ));
+    }
+    Ok(())
+}
+
 async fn serve(cfg: Config) -> Result<(), String> {
     let pool = polar_meterd::db::pool(&cfg.database_url, cfg.db_pool_size)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = match polar_client(&cfg)? {
+        Some(polar) => {
+            polar_meterd::worker::spawn(pool.clone(), polar, worker_settings(&cfg), stop_rx)
+        }
+        None => {
+            tracing::warn!(
+                "POLAR_ACCESS_TOKEN is not set: events are recorded but not delivered to Polar"
+            );
+            Vec::new()
+        }
+    };
     let app = Arc::new(App {
         pool,
         metrics: Default::default(),
@@ -54,6 +112,12 @@ async fn serve(cfg: Config) -> Result<(), String> {
         Duration::from_secs(cfg.shutdown_grace_secs),
     )
     .await;
+    // Workers finish the batch in hand; rows of an unfinished one are
+    // released by their lease.
+    let _ = stop_tx.send(true);
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(cfg.polar_timeout_secs + 5), w).await;
+    }
     Ok(())
 }
 
@@ -67,6 +131,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cli.config).await,
+            Command::Backfill => backfill(cli.config).await,
         }
     });
     match result {

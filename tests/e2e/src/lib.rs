@@ -209,37 +209,11 @@ impl Sidecar {
             .env("DATABASE_URL", url)
             .env("POLAR_METER_LISTEN", "127.0.0.1:0")
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "debug,tokio_postgres=info,hyper=info,h2=info")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true);
+            .env("RUST_LOG", "debug,tokio_postgres=info,hyper=info,h2=info,reqwest=info,hyper_util=info,rustls=info");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn polar-meterd");
-        let stdout = child.stdout.take().unwrap();
-        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = tokio::sync::oneshot::channel::<String>();
-        let sink = logs.clone();
-        tokio::spawn(async move {
-            use tokio::io::AsyncBufReadExt;
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            let mut tx = Some(tx);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == "listening" {
-                        if let Some(tx) = tx.take() {
-                            let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
-                        }
-                    }
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
-            .await
-            .expect("polar-meterd did not report its address within 30s")
-            .expect("polar-meterd exited before listening");
+        let (child, addr, logs) = spawn_listening(cmd).await;
         Sidecar {
             child,
             base: format!("http://{addr}"),
@@ -299,4 +273,281 @@ pub fn idem() -> String {
 
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Spawns a workspace binary with a JSON log on stdout and waits for its
+/// "listening" line; returns the child, its address and its log lines.
+async fn spawn_listening(
+    mut cmd: tokio::process::Command,
+) -> (
+    tokio::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn");
+    let stdout = child.stdout.take().unwrap();
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "listening" {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+        .await
+        .expect("no 'listening' log line within 30s")
+        .expect("exited before listening");
+    (child, addr, logs)
+}
+
+/// A running polar-emulator with a token of its own.
+pub struct Emulator {
+    _child: tokio::process::Child,
+    pub base: String,
+    pub token: String,
+}
+
+impl Emulator {
+    pub async fn start(args: &[&str]) -> Emulator {
+        let token = format!("polar_oat_{}", uuid::Uuid::new_v4().simple());
+        let mut cmd = tokio::process::Command::new(binary("polar-emulator"));
+        cmd.args(["--listen", "127.0.0.1:0", "--tokens", &token])
+            .args(args)
+            .env_clear();
+        let (child, addr, _) = spawn_listening(cmd).await;
+        Emulator {
+            _child: child,
+            base: format!("http://{addr}"),
+            token,
+        }
+    }
+
+    /// Environment for a sidecar that delivers here, quickly.
+    pub fn sidecar_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("POLAR_ACCESS_TOKEN".into(), self.token.clone()),
+            ("POLAR_API_URL".into(), self.base.clone()),
+            ("POLAR_METER_POLL_SECS".into(), "1".into()),
+            ("POLAR_RATE_LIMIT".into(), "6000".into()),
+        ]
+    }
+
+    pub async fn faults(&self, f: serde_json::Value) {
+        let r = http()
+            .post(format!("{}/__admin/faults", self.base))
+            .json(&f)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Every stored event, with the external_id Polar keeps but does not list.
+    pub async fn events(&self) -> serde_json::Value {
+        http()
+            .get(format!("{}/__admin/events", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn customers(&self) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = http()
+            .get(format!("{}/__admin/customers", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["customers"].as_array().unwrap().clone()
+    }
+}
+
+impl Sidecar {
+    pub async fn start_with(db: &TestDb, env: &[(String, String)]) -> Sidecar {
+        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Self::start(db, &refs).await
+    }
+
+    /// SIGKILL: no shutdown, no report of the batch in hand.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// A webhook receiver that keeps every JSON body POSTed to it.
+pub struct Webhook {
+    pub url: String,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Webhook {
+    pub async fn start() -> Webhook {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let sink = sink.clone();
+                            async move {
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                if let Ok(v) = serde_json::from_slice(&body) {
+                                    sink.lock().unwrap().push(v);
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Webhook { url, received }
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["kind"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+/// Counts of meter_event rows by polar_status.
+pub async fn statuses(c: &Client) -> std::collections::BTreeMap<String, i64> {
+    c.query(
+        "SELECT polar_status, count(*) FROM meter.meter_event GROUP BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// One recorded event, as sent: for comparing with what Polar holds.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub id: String,
+    pub org: String,
+    pub name: String,
+    pub timestamp: String,
+    pub metadata: serde_json::Value,
+}
+
+/// Records `n` events over HTTP, spread over `keys` (org, key), with
+/// `concurrency` requests in flight. Every answer must be a 202.
+pub async fn record_many(
+    side: &Sidecar,
+    keys: &[(String, String)],
+    n: usize,
+    concurrency: usize,
+) -> Vec<Sent> {
+    use futures_util::StreamExt;
+    let client = http();
+    let url = side.url("/api/v1/meter");
+    let base = chrono::Utc::now() - chrono::Duration::seconds(5);
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let (org, key) = keys[i % keys.len()].clone();
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let ts = (base + chrono::Duration::microseconds(i as i64)).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                let name = if i % 3 == 0 { "api.request" } else { "tokens.used" };
+                let metadata = serde_json::json!({"i": i, "model": format!("m{}", i % 7), "ok": i % 2 == 0});
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("Idempotency-Key", format!("ev-{i}"))
+                    .json(&serde_json::json!({"event_name": name, "event_timestamp": ts, "metadata": metadata}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                let v: serde_json::Value = r.json().await.unwrap();
+                Sent { id: v["event_id"].as_str().unwrap().to_string(), org, name: name.into(), timestamp: ts, metadata }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+/// Asserts Polar (the emulator) holds exactly `sent`, each once, as sent.
+pub async fn assert_polar_holds_exactly(emu: &Emulator, sent: &[Sent]) {
+    let all = emu.events().await;
+    let events = all["events"].as_array().unwrap();
+    let mut by_id: std::collections::HashMap<String, &serde_json::Value> = Default::default();
+    for e in events {
+        let id = e["metadata"]["meter_event_id"]
+            .as_str()
+            .expect("meter_event_id in metadata")
+            .to_string();
+        assert!(
+            by_id.insert(id.clone(), e).is_none(),
+            "event {id} stored twice at Polar"
+        );
+    }
+    let ext: std::collections::HashSet<&str> = events
+        .iter()
+        .map(|e| e["external_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ext.len(), events.len(), "external ids are unique");
+    assert_eq!(
+        events.len(),
+        sent.len(),
+        "Polar holds exactly the recorded events"
+    );
+    for s in sent {
+        let e = by_id
+            .get(&s.id)
+            .unwrap_or_else(|| panic!("event {} missing at Polar", s.id));
+        assert_eq!(e["external_customer_id"], s.org.as_str());
+        assert_eq!(e["name"], s.name.as_str());
+        let got = chrono::DateTime::parse_from_rfc3339(e["timestamp"].as_str().unwrap()).unwrap();
+        let want = chrono::DateTime::parse_from_rfc3339(&s.timestamp).unwrap();
+        assert_eq!(got, want, "timestamp of {}", s.id);
+        let mut meta = e["metadata"].clone();
+        meta.as_object_mut().unwrap().remove("meter_event_id");
+        assert_eq!(meta, s.metadata, "metadata of {}", s.id);
+    }
 }

@@ -31,7 +31,7 @@ async fn the_sidecar_role_executes_functions_but_touches_no_table() {
     )
     .await
     .unwrap();
-    side.query_one("SELECT meter.drain_meter_outbox()", &[])
+    side.query("SELECT * FROM meter.drain_meter_outbox()", &[])
         .await
         .unwrap();
 

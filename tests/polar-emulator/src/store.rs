@@ -1,0 +1,126 @@
+//! In-memory state of the emulated Polar: organizations (one per token),
+//! events, customers, rate-limit windows and fault settings.
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    pub id: uuid::Uuid,
+    pub organization_id: uuid::Uuid,
+    pub name: String,
+    pub timestamp: DateTime<Utc>,
+    pub ingested_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub visible_at: Instant,
+    pub external_customer_id: Option<String>,
+    pub customer_id: Option<uuid::Uuid>,
+    pub external_id: Option<String>,
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Customer {
+    pub id: uuid::Uuid,
+    pub organization_id: uuid::Uuid,
+    pub created_at: DateTime<Utc>,
+    pub modified_at: Option<DateTime<Utc>>,
+    pub external_id: Option<String>,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub kind: String,
+    pub metadata: serde_json::Map<String, Value>,
+}
+
+/// Probabilities (0..1) of each injected fault, applied to every API call
+/// except `/__admin`. `delay_ms` is how long a "timeout" holds the response.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    #[serde(default)]
+    pub error_5xx: f64,
+    #[serde(default)]
+    pub rate_429: f64,
+    #[serde(default)]
+    pub timeout: f64,
+    #[serde(default)]
+    pub commit_then_drop: f64,
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+#[derive(Default)]
+pub struct Org {
+    pub events: Vec<Event>,
+    pub external_ids: HashSet<String>,
+    pub customers: Vec<Customer>,
+    pub window: VecDeque<Instant>,
+}
+
+pub struct Store {
+    /// token -> organization id
+    pub tokens: HashMap<String, uuid::Uuid>,
+    pub orgs: HashMap<uuid::Uuid, Org>,
+    pub rate_per_minute: usize,
+    pub visibility_delay: Duration,
+    pub faults: Faults,
+    pub sandbox: bool,
+    /// Requests answered, by "METHOD path status", for tests.
+    pub stats: HashMap<String, u64>,
+    pub ingest_requests: u64,
+    pub duplicates_seen: u64,
+}
+
+impl Store {
+    pub fn new(
+        tokens: HashMap<String, uuid::Uuid>,
+        rate_per_minute: usize,
+        visibility_delay: Duration,
+        sandbox: bool,
+    ) -> Self {
+        let orgs = tokens.values().map(|o| (*o, Org::default())).collect();
+        Store {
+            tokens,
+            orgs,
+            rate_per_minute,
+            visibility_delay,
+            faults: Faults::default(),
+            sandbox,
+            stats: HashMap::new(),
+            ingest_requests: 0,
+            duplicates_seen: 0,
+        }
+    }
+
+    /// Sliding one-minute window per organization: all of an org's tokens
+    /// share it, as at Polar. Err(seconds to wait) when the budget is spent.
+    pub fn take_rate(&mut self, org: uuid::Uuid) -> Result<(), u64> {
+        let limit = self.rate_per_minute;
+        let o = self.orgs.entry(org).or_default();
+        let now = Instant::now();
+        while o
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            o.window.pop_front();
+        }
+        if o.window.len() >= limit {
+            let oldest = *o.window.front().unwrap();
+            let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
+            return Err(wait.as_secs_f64().ceil().max(1.0) as u64);
+        }
+        o.window.push_back(now);
+        Ok(())
+    }
+
+    pub fn customer_by_external(&self, org: uuid::Uuid, ext: &str) -> Option<&Customer> {
+        self.orgs
+            .get(&org)?
+            .customers
+            .iter()
+            .find(|c| c.external_id.as_deref() == Some(ext))
+    }
+}

@@ -33,3 +33,4 @@ clean: down
 # Benchmarks (not tests): write their figures into BENCHMARKS.md.
 bench: deps
 	tests/bench/ingest.sh
+	tests/bench/drain.sh

@@ -30,6 +30,19 @@ cargo clippy -p polar_meter -- -D warnings
 step "unit tests (pure rules, sidecar, emulator)"
 cargo test -p polar_meter_rules -p polar-meterd -p polar-emulator
 
+step "emulator conformance: Polar's official SDK (polar-sdk 1.0.2, PyPI) parses every answer"
+cargo build -p polar-meterd -p polar-emulator
+[ -x .pm/venv/bin/python ] || python3 -m venv .pm/venv || {
+    apt-get install -y -q python3-venv && python3 -m venv .pm/venv
+}
+.pm/venv/bin/python -c 'import polar.v2026_04' 2>/dev/null || .pm/venv/bin/pip install -q 'polar-sdk==1.0.2'
+target/debug/polar-emulator --listen 127.0.0.1:55480 --tokens polar_oat_conformance --rate-limit 40 >/dev/null 2>&1 &
+EMU=$!
+for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:55480/v1/events/ && break; sleep 0.1; done
+.pm/venv/bin/python tests/polar-emulator/conformance/sdk_conformance.py http://127.0.0.1:55480 polar_oat_conformance ||
+    { kill $EMU; exit 1; }
+kill $EMU
+
 step "install the extension"
 cargo pgrx install -p polar_meter --pg-config "$PG_CONFIG" 2>&1 | tail -n 1
 
@@ -41,5 +54,4 @@ scripts/cluster.sh start test "$PM_PG_PORT" pm_cron
 "${PSQL[@]}" -d pm_cron -c "CREATE EXTENSION pg_cron" -c "CREATE EXTENSION polar_meter"
 
 step "end-to-end suites"
-cargo build -p polar-meterd -p polar-emulator
 cargo test -p pm-e2e

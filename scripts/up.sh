@@ -84,6 +84,6 @@ Send a first event (copy and paste):
        -H 'Content-Type: application/json' \\
        -d "{\\"event_name\\":\\"api.request\\",\\"event_timestamp\\":\\"\$TS\\",\\"metadata\\":{\\"tokens\\":12}}"
   # -> 202 {"status":"recorded",...}; the same curl again (same TS) -> {"status":"already_recorded",...}
-  # Within seconds the sidecar delivers it; with the emulator:
+  # Within POLAR_METER_POLL_SECS (5 s) the sidecar delivers it; with the emulator:
   curl -s http://$EMULATOR/__admin/events
 MSG

@@ -45,3 +45,6 @@ END
 $$;
 COMMENT ON FUNCTION meter.reconcile_meter_to_polar(timestamptz, interval) IS
   'Opens a reconciliation run for [window_end - window_length, window_end) and wakes the sidecar (NOTIFY meter_reconcile). window_end defaults to now() minus GUC polar_meter.reconcile_lag (default 6 hours, because Polar''s event list fills asynchronously), truncated to the hour. Returns the run id.';
+
+COMMENT ON FUNCTION meter._compute_drift(jsonb, jsonb) IS
+  'Internal: {"ok": drift} or {"error": message} (Rust, polar_meter_rules::drift); meter.compute_drift raises the error as PM034.';

@@ -136,3 +136,8 @@ END
 $$;
 COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, text, jsonb) IS
   'record_event_for_org with the timestamp as RFC 3339 text with a timezone (PM011 otherwise).';
+
+COMMENT ON FUNCTION meter._event_violation(text, text, timestamptz, text, timestamptz, bigint) IS
+  'Internal: NULL when an event may be recorded, else {sqlstate, message} (Rust, polar_meter_rules::validate: the one place the rules live).';
+COMMENT ON FUNCTION meter._timestamp_text_violation(text) IS
+  'Internal: NULL when text is an RFC 3339 timestamp with a timezone (and not before 1970), else {sqlstate, message}.';

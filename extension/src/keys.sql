@@ -242,3 +242,8 @@ LANGUAGE sql STABLE
 AS $$ SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'polar_meter' $$;
 COMMENT ON FUNCTION meter.extension_version() IS
   'The installed polar_meter version; polar-meterd''s /readyz compares it with its own.';
+
+COMMENT ON FUNCTION meter._generate_api_key() IS
+  'Internal: a new plaintext key, ak_ + 48 base62 characters from the OS CSPRNG (Rust, polar_meter_rules::keys).';
+COMMENT ON FUNCTION meter._api_key_wellformed(text) IS
+  'Internal: true when text has the exact shape of a key; checked before any lookup.';

@@ -34,3 +34,4 @@ clean: down
 bench: deps
 	tests/bench/ingest.sh
 	tests/bench/drain.sh
+	tests/bench/reconcile.sh

@@ -41,6 +41,11 @@ GRANT EXECUTE ON FUNCTION
     meter.customer_provisioned(text, text),
     meter.provisioning_failed(text, text),
     meter.backfill_polar_customers(),
+    meter.reconcile_meter_to_polar(timestamptz, interval),
+    meter.claim_reconcile_run(interval, bigint),
+    meter.reconcile_add_remote(bigint, int, jsonb, interval),
+    meter.reconcile_finish(bigint),
+    meter.reconcile_failed(bigint, text),
     meter.seal_audit_log(int)
 TO polar_meter_sidecar;
 

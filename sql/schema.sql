@@ -128,9 +128,26 @@ CREATE TABLE meter.reconcile_run (
         CHECK (status IN ('requested', 'running', 'done', 'failed')),
     requested_by text NOT NULL DEFAULT session_user,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    lease_until  timestamptz,
+    pages_done   int NOT NULL DEFAULT 0,   -- Polar pages handed back: a resumed run starts after them
     finished_at  timestamptz,
+    drift        bigint,
+    drift_ratio  double precision,
     result       jsonb
 );
+
+-- What Polar listed for a run's window, one row per Polar event, handed back
+-- a page at a time (never a whole window in the sidecar's memory).
+CREATE TABLE meter.reconcile_remote (
+    run_id               bigint NOT NULL REFERENCES meter.reconcile_run (id),
+    polar_event_id       text NOT NULL,
+    meter_event_id       uuid,          -- from metadata; NULL for events we never sent
+    external_customer_id text,
+    event_name           text NOT NULL,
+    event_timestamp      timestamptz NOT NULL,
+    PRIMARY KEY (run_id, polar_event_id)
+);
+CREATE INDEX reconcile_remote_event ON meter.reconcile_remote (run_id, meter_event_id);
 ALTER SEQUENCE meter.reconcile_run_id_seq OWNED BY meter.reconcile_run.id;
 COMMENT ON TABLE meter.reconcile_run IS 'One reconciliation of a time window against Polar, and its result.';
 
@@ -144,6 +161,7 @@ SELECT pg_catalog.pg_extension_config_dump('meter.audit_chain', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.alert_state', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_run', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_run_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_remote', '');
 
 -- Results of the hot-path functions. Composite (not SETOF) returns make a call
 -- a plain expression: no set-returning machinery per recorded event.

@@ -17,6 +17,15 @@ pub enum Command {
     Serve,
     /// Queue every organization without a Polar customer, provision them all, and exit.
     Backfill,
+    /// Reconcile one window against Polar now, print the result (JSON), and exit.
+    Reconcile {
+        /// End of the window (RFC 3339); default: now minus polar_meter.reconcile_lag, on the hour.
+        #[arg(long)]
+        window_end: Option<String>,
+        /// Length of the window in hours.
+        #[arg(long, default_value_t = 24)]
+        window_hours: u32,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

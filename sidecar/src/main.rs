@@ -5,15 +5,23 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn init_tracing(format: LogFormat) {
+/// The daemon logs to stdout; one-shot commands log to stderr, so that their
+/// stdout is only their result.
+fn init_tracing(format: LogFormat, to_stderr: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
-    match format {
-        LogFormat::Json => fmt.json().flatten_event(true).init(),
-        LogFormat::Pretty => fmt.init(),
+    match (format, to_stderr) {
+        (LogFormat::Json, false) => fmt.json().flatten_event(true).init(),
+        (LogFormat::Json, true) => fmt
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .init(),
+        (LogFormat::Pretty, false) => fmt.init(),
+        (LogFormat::Pretty, true) => fmt.with_writer(std::io::stderr).init(),
     }
 }
 
@@ -73,6 +81,41 @@ async fn backfill(cfg: Config) -> Result<(), String> {
     Ok(())
 }
 
+async fn reconcile(cfg: Config, window_end: Option<String>, hours: u32) -> Result<(), String> {
+    let pool = polar_meterd::db::pool(&cfg.database_url, 2)?;
+    let polar = polar_client(&cfg)?.ok_or("reconcile needs POLAR_ACCESS_TOKEN")?;
+    let end = match window_end {
+        None => None,
+        Some(s) => Some(
+            chrono::DateTime::parse_from_rfc3339(&s)
+                .map_err(|e| format!("--window-end: {e}"))?
+                .to_utc(),
+        ),
+    };
+    let length = format!("{hours} hours");
+    let c = pool.get().await.map_err(|e| e.to_string())?;
+    let run: i64 = c
+        .query_one(
+            "SELECT meter.reconcile_meter_to_polar($1, $2::text::interval)",
+            &[&end, &length],
+        )
+        .await
+        .map_err(|e| format!("{:?}", polar_meterd::db::DbError::from(e)))?
+        .get(0);
+    drop(c);
+    let w = polar_meterd::worker::Workers::new(pool, polar, worker_settings(&cfg));
+    let result = w
+        .reconcile_next(Some(run))
+        .await?
+        .ok_or("the run was taken by another process")?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({"run_id": run, "result": result}))
+            .unwrap()
+    );
+    Ok(())
+}
+
 async fn serve(cfg: Config) -> Result<(), String> {
     let pool = polar_meterd::db::pool(&cfg.database_url, cfg.db_pool_size)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -123,7 +166,8 @@ async fn serve(cfg: Config) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.config.log_format);
+    let one_shot = !matches!(cli.command, None | Some(Command::Serve));
+    init_tracing(cli.config.log_format, one_shot);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -132,6 +176,10 @@ fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cli.config).await,
             Command::Backfill => backfill(cli.config).await,
+            Command::Reconcile {
+                window_end,
+                window_hours,
+            } => reconcile(cli.config, window_end, window_hours).await,
         }
     });
     match result {

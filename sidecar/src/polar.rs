@@ -191,6 +191,54 @@ impl Client {
     }
 }
 
+/// One page of GET /v1/events/ for a time window, oldest first.
+pub enum Page {
+    Events { items: Vec<Value>, max_page: u64 },
+    RateLimited(Duration),
+    Failed(String),
+}
+
+impl Client {
+    /// Polar's bounds are exclusive (timestamp > start and < end), so the
+    /// caller passes start minus a microsecond for a half-open [start, end).
+    pub async fn list_events(&self, start: &str, end: &str, page: u64, limit: u64) -> Page {
+        self.limiter.acquire().await;
+        let query = [
+            ("start_timestamp", start.to_string()),
+            ("end_timestamp", end.to_string()),
+            ("source", "user".to_string()),
+            ("sorting", "timestamp".to_string()),
+            ("page", page.to_string()),
+            ("limit", limit.to_string()),
+        ];
+        let resp = match self
+            .req(reqwest::Method::GET, "/v1/events/")
+            .query(&query)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Page::Failed(transport_error(e)),
+        };
+        let status = resp.status().as_u16();
+        if status == 429 {
+            let wait = retry_after(&resp);
+            self.limiter.pause(wait);
+            return Page::RateLimited(wait);
+        }
+        if status != 200 {
+            return Page::Failed(format!("HTTP {status}"));
+        }
+        match resp.json::<Value>().await {
+            Ok(v) => Page::Events {
+                items: v["items"].as_array().cloned().unwrap_or_default(),
+                max_page: v["pagination"]["max_page"].as_u64().unwrap_or(0),
+            },
+            Err(e) => Page::Failed(format!("list body: {}", e.without_url())),
+        }
+    }
+}
+
 /// Reqwest's message without the URL's query (nothing secret is in our URLs,
 /// but errors stay short and uniform).
 fn transport_error(e: reqwest::Error) -> String {

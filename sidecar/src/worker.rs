@@ -30,6 +30,7 @@ pub struct Workers {
     s: Settings,
     drain: Notify,
     provision: Notify,
+    reconcile: Notify,
     batches: tokio::sync::Mutex<Vec<uuid::Uuid>>,
 }
 
@@ -41,6 +42,7 @@ impl Workers {
             s,
             drain: Notify::new(),
             provision: Notify::new(),
+            reconcile: Notify::new(),
             batches: Default::default(),
         }
     }
@@ -58,6 +60,7 @@ pub fn spawn(
         tokio::spawn(w.clone().listen(alert_tx, stop.clone())),
         tokio::spawn(w.clone().drainer(stop.clone())),
         tokio::spawn(w.clone().provisioner(stop.clone())),
+        tokio::spawn(w.clone().reconciler(stop.clone())),
         tokio::spawn(w.clone().alerts(alert_rx)),
     ]
 }
@@ -103,6 +106,7 @@ impl Workers {
                         // Whatever was notified while we were away is in the tables.
                         self.drain.notify_one();
                         self.provision.notify_one();
+                        self.reconcile.notify_one();
                         loop {
                             tokio::select! {
                                 m = rx.recv() => match m {
@@ -134,6 +138,7 @@ impl Workers {
                 self.drain.notify_one();
             }
             "meter_provision" => self.provision.notify_one(),
+            "meter_reconcile" => self.reconcile.notify_one(),
             "polar_meter_alert" => {
                 let _ = alerts.try_send(payload);
             }
@@ -395,6 +400,106 @@ impl Workers {
                 }
             }
         }
+    }
+
+    async fn reconciler(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            loop {
+                match self.reconcile_next(None).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reconciliation failed; will retry");
+                        break;
+                    }
+                }
+            }
+            if !self.wait(&self.reconcile, &mut stop).await {
+                return;
+            }
+        }
+    }
+
+    /// Runs one reconcile run (the oldest due, or `only`): pages through
+    /// Polar's list for its window, handing each page to the database as it
+    /// comes (resuming after pages already held), then asks the database for
+    /// the comparison. Returns the result, or None when no run was due.
+    pub async fn reconcile_next(&self, only: Option<i64>) -> Result<Option<Value>, String> {
+        let lease = "5 minutes".to_string();
+        let c = self.pool.get().await.map_err(db_err)?;
+        let Some(run) = c
+            .query_opt("SELECT run_id, window_start, window_end, pages_done FROM meter.claim_reconcile_run($1::text::interval, $2)", &[&lease, &only])
+            .await
+            .map_err(db_err)?
+        else {
+            return Ok(None);
+        };
+        drop(c);
+        let (id, start, end, done): (
+            i64,
+            chrono::DateTime<chrono::Utc>,
+            chrono::DateTime<chrono::Utc>,
+            i32,
+        ) = (run.get(0), run.get(1), run.get(2), run.get(3));
+        let fmt = |t: chrono::DateTime<chrono::Utc>| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        };
+        let from = fmt(start - chrono::Duration::microseconds(1));
+        let to = fmt(end);
+        tracing::info!(run_id = id, window_start = %fmt(start), window_end = %to, resume_after_page = done, "reconciling");
+        let mut page = done as u64 + 1;
+        let mut rate_limited = 0;
+        loop {
+            match self.polar.list_events(&from, &to, page, 100).await {
+                crate::polar::Page::Events { items, max_page } => {
+                    if !items.is_empty() {
+                        let c = self.pool.get().await.map_err(db_err)?;
+                        c.query_one(
+                            "SELECT meter.reconcile_add_remote($1, $2, $3, $4::text::interval)",
+                            &[&id, &(page as i32), &Value::Array(items), &lease],
+                        )
+                        .await
+                        .map_err(db_err)?;
+                    }
+                    if page >= max_page {
+                        break;
+                    }
+                    page += 1;
+                }
+                crate::polar::Page::RateLimited(_) if rate_limited < 10 => rate_limited += 1,
+                crate::polar::Page::RateLimited(_) => {
+                    return self.reconcile_failed(id, "rate limited too often").await
+                }
+                crate::polar::Page::Failed(e) => return self.reconcile_failed(id, &e).await,
+            }
+        }
+        let c = self.pool.get().await.map_err(db_err)?;
+        let result: Value = c
+            .query_one("SELECT meter.reconcile_finish($1)", &[&id])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let drift = result["drift"].as_i64().unwrap_or(0);
+        let missing = result["missing_at_polar"]["count"].as_i64().unwrap_or(0);
+        let unexpected = result["unexpected_at_polar"]["count"].as_i64().unwrap_or(0);
+        if drift > 0 || missing > 0 || unexpected > 0 {
+            tracing::warn!(run_id = id, drift, missing, unexpected, max_customer_drift_ratio = %result["max_customer_drift_ratio"],
+                backlog = %result["backlog"], "reconciliation found drift");
+        } else {
+            tracing::info!(run_id = id, local_sent = %result["local_sent"], backlog = %result["backlog"], "reconciliation clean");
+        }
+        Ok(Some(result))
+    }
+
+    async fn reconcile_failed(&self, id: i64, error: &str) -> Result<Option<Value>, String> {
+        let c = self.pool.get().await.map_err(db_err)?;
+        c.query_one("SELECT meter.reconcile_failed($1, $2)", &[&id, &error])
+            .await
+            .map_err(db_err)?;
+        Err(format!("reconcile run {id}: {error}"))
     }
 
     /// Logs every alert as a structured warning and forwards it to the

@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 
-.PHONY: up down test deps build install-extension clean bench
+.PHONY: up down test deps build install-extension clean bench fuzz
 
 deps:
 	@scripts/deps.sh
@@ -35,3 +35,8 @@ bench: deps
 	tests/bench/ingest.sh
 	tests/bench/drain.sh
 	tests/bench/reconcile.sh
+
+# The long hostile-input runs (make test runs 20k property cases and 10k requests).
+fuzz: deps
+	PM_PROPTEST_CASES=1000000 cargo test -p polar_meter_rules --test properties
+	PM_FUZZ_REQUESTS=100000 PM_ONLY=fuzz_meter scripts/test.sh

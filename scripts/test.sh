@@ -20,6 +20,8 @@ on_exit() {
 }
 trap on_exit EXIT
 
+# PM_ONLY=<suite> runs just that end-to-end suite (make fuzz uses it).
+if [ -z "${PM_ONLY:-}" ]; then
 step "format"
 cargo fmt --all --check
 
@@ -42,6 +44,7 @@ for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:55480/v1/events/ &
 .pm/venv/bin/python tests/polar-emulator/conformance/sdk_conformance.py http://127.0.0.1:55480 polar_oat_conformance ||
     { kill $EMU; exit 1; }
 kill $EMU
+fi
 
 step "install the extension"
 cargo pgrx install -p polar_meter --pg-config "$PG_CONFIG" 2>&1 | tail -n 1
@@ -54,4 +57,9 @@ scripts/cluster.sh start test "$PM_PG_PORT" pm_cron
 "${PSQL[@]}" -d pm_cron -c "CREATE EXTENSION pg_cron" -c "CREATE EXTENSION polar_meter"
 
 step "end-to-end suites"
-cargo test -p pm-e2e
+cargo build -p polar-meterd -p polar-emulator
+if [ -n "${PM_ONLY:-}" ]; then
+    cargo test -p pm-e2e --test "$PM_ONLY" -- --nocapture
+else
+    cargo test -p pm-e2e
+fi

@@ -313,3 +313,25 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter._alert_due(text, text) IS 'Internal: true (and remembered) when this alert has not fired in the last hour.';
+
+CREATE FUNCTION meter.resend_events(event_ids uuid[]) RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    UPDATE meter.meter_event e
+    SET polar_status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+    WHERE e.id = ANY (event_ids) AND e.polar_status IN ('sent', 'dropped', 'rejected');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM meter._audit('', 'events.resent', NULL, jsonb_build_object('events', n, 'event_ids', event_ids[1:100]));
+    IF n > 0 THEN
+        PERFORM pg_notify('meter_outbox', 'resend');
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION meter.resend_events(uuid[]) IS
+  'Sends the given events again (for example those a reconciliation found missing at Polar): pending, attempts 0, due now. Safe: they keep their external_id, so an event Polar does hold stays a duplicate there. Events in flight or pending are left alone. Returns how many were queued.';

@@ -3,7 +3,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 
 #[derive(Parser, Debug)]
-#[command(name = "polar-meterd", version = crate::VERSION, about = "polar-meter sidecar: HTTP API and Polar caller")]
+#[command(name = "polar-meterd", version = crate::LONG_VERSION, about = "polar-meter sidecar: HTTP API and Polar caller")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

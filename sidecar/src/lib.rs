@@ -14,3 +14,12 @@ pub mod worker;
 
 /// Version of this binary; /readyz requires the installed extension to match.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What `--version` prints: this binary, the polar_meter extension it needs,
+/// and the Polar API version it pins.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (polar_meter extension ",
+    env!("CARGO_PKG_VERSION"),
+    ", Polar-Version 2026-04)"
+);

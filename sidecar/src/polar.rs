@@ -4,7 +4,8 @@ use serde_json::{json, Value};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The API version every request pins (POLAR-API.md §4).
+/// The API version every request pins (POLAR-API.md §4). Kept equal to the
+/// one in crate::LONG_VERSION (a unit test checks).
 pub const POLAR_VERSION: &str = "2026-04";
 
 /// Spaces calls evenly at `per_minute`, and waits out a Retry-After for all.
@@ -331,6 +332,12 @@ mod tests {
         ]});
         assert_eq!(event_indexes(&v), vec![1, 3]);
         assert!(event_indexes(&json!({"detail": "x"})).is_empty());
+    }
+
+    #[test]
+    fn the_long_version_names_the_pinned_polar_version() {
+        assert!(crate::LONG_VERSION.contains(&format!("Polar-Version {POLAR_VERSION}")));
+        assert!(crate::LONG_VERSION.starts_with(crate::VERSION));
     }
 
     #[test]

@@ -323,7 +323,8 @@ async fn readyz(app: &App) -> Handled {
     }
     Ok(json_response(
         StatusCode::OK,
-        &json!({"status": "ready", "version": crate::VERSION, "extension_version": installed}),
+        &json!({"status": "ready", "version": crate::VERSION, "extension_version": installed,
+                "polar_version": crate::polar::POLAR_VERSION}),
     ))
 }
 

@@ -45,6 +45,16 @@ async fn discovery_health_readiness_and_metrics() {
     assert_eq!(r.status(), 200);
     let ready: Value = r.json().await.unwrap();
     assert_eq!(ready["extension_version"], ready["version"]);
+    assert_eq!(ready["polar_version"], "2026-04");
+    let v = std::process::Command::new(pm_e2e::binary("polar-meterd"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        text.contains("polar_meter extension") && text.contains("Polar-Version 2026-04"),
+        "{text}"
+    );
 
     for i in 0..3 {
         let k = if i == 2 { "fixed".to_string() } else { idem() };

@@ -44,6 +44,15 @@ for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:55480/v1/events/ &
 .pm/venv/bin/python tests/polar-emulator/conformance/sdk_conformance.py http://127.0.0.1:55480 polar_oat_conformance ||
     { kill $EMU; exit 1; }
 kill $EMU
+
+step "docker/compose.yaml"
+if docker compose version >/dev/null 2>&1; then
+    docker compose -f docker/compose.yaml config -q && echo "docker compose config: valid"
+else
+    echo "the docker compose plugin is not installed: checking the file's structure instead"
+    .pm/venv/bin/python -c 'import yaml' 2>/dev/null || .pm/venv/bin/pip install -q pyyaml
+    .pm/venv/bin/python docker/check_compose.py
+fi
 fi
 
 step "install the extension"

@@ -113,9 +113,7 @@ SECURITY DEFINER
 SET search_path = meter, pg_catalog
 AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = record_event_for_org.org_id) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM030', MESSAGE = format('org_id %L is not a known organization', org_id);
-    END IF;
+    PERFORM meter._require_organization(org_id);
     RETURN meter._record_event(org_id, NULL, idempotency_key, event_name, event_timestamp, metadata);
 END
 $$;

@@ -9,6 +9,17 @@ AS $$ SELECT ARRAY['fence:meter', 'keys:manage'] $$;
 COMMENT ON FUNCTION meter.known_permissions() IS
   'Permissions a key can hold: fence:meter (record events), keys:manage (manage its org''s keys over HTTP).';
 
+CREATE FUNCTION meter._require_organization(org_id text) RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = _require_organization.org_id) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM030', MESSAGE = format('org_id %L is not a known organization', org_id);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION meter._require_organization(text) IS 'Internal: raises PM030 unless the organization exists.';
+
 CREATE FUNCTION meter.create_api_key(
     org_id text,
     name text,
@@ -24,9 +35,7 @@ DECLARE
     v_id   uuid;
     v_bad  text[];
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = create_api_key.org_id) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM030', MESSAGE = format('org_id %L is not a known organization', org_id);
-    END IF;
+    PERFORM meter._require_organization(org_id);
     IF create_api_key.name IS NULL OR length(btrim(create_api_key.name)) NOT BETWEEN 1 AND 128 THEN
         RAISE EXCEPTION USING ERRCODE = 'PM032', MESSAGE = 'name must be 1 to 128 characters, not blank';
     END IF;

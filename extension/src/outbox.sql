@@ -164,6 +164,21 @@ $$;
 COMMENT ON FUNCTION meter.delivery_deferred(uuid, uuid[], interval) IS
   'Polar rate-limited the call (429): the events become pending again after retry_after. Not counted as an attempt.';
 
+CREATE FUNCTION meter._dead_letters(kind text, organization_id text, event_ids uuid[], error text, detail jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    -- An audit row for each event, one alert for the organization.
+    PERFORM meter._audit(organization_id, 'event.' || kind, x::text, jsonb_build_object('error', left(error, 500)))
+    FROM unnest(event_ids) x;
+    PERFORM meter._alert('event_' || kind, organization_id,
+        jsonb_build_object('events', cardinality(event_ids), 'event_ids', event_ids[1:20], 'error', left(error, 500)) || detail);
+END
+$$;
+COMMENT ON FUNCTION meter._dead_letters(text, text, uuid[], text, jsonb) IS
+  'Internal: records events that stopped being delivered (kind dropped or rejected): an audit row event.<kind> each and one event_<kind> alert.';
+
 CREATE FUNCTION meter.delivery_failed(batch_id uuid, event_ids uuid[], error text) RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -192,12 +207,8 @@ BEGIN
     LOOP
         n := n + r.n;
         IF r.dropped IS NOT NULL THEN
-            -- Dead letters: an audit row each, one alert per organization.
-            PERFORM meter._audit(r.organization_id, 'event.dropped', x::text, jsonb_build_object('error', left(error, 500)))
-            FROM unnest(r.dropped) x;
-            PERFORM meter._alert('event_dropped', r.organization_id,
-                jsonb_build_object('events', cardinality(r.dropped), 'event_ids', r.dropped[1:20], 'error', left(error, 500),
-                                   'attempts', v_max, 'action', 'fix the cause, then SELECT meter.requeue_dropped()'));
+            PERFORM meter._dead_letters('dropped', r.organization_id, r.dropped, error,
+                jsonb_build_object('attempts', v_max, 'action', 'fix the cause, then SELECT meter.requeue_dropped()'));
         END IF;
     END LOOP;
     RETURN n;
@@ -226,10 +237,7 @@ BEGIN
         SELECT x.organization_id, array_agg(x.id) AS ids FROM rejected x GROUP BY x.organization_id
     LOOP
         n := n + cardinality(r.ids);
-        PERFORM meter._audit(r.organization_id, 'event.rejected', x::text, jsonb_build_object('error', left(error, 500)))
-        FROM unnest(r.ids) x;
-        PERFORM meter._alert('event_rejected', r.organization_id,
-            jsonb_build_object('events', cardinality(r.ids), 'event_ids', r.ids[1:20], 'error', left(error, 500)));
+        PERFORM meter._dead_letters('rejected', r.organization_id, r.ids, error);
     END LOOP;
     RETURN n;
 END

@@ -102,6 +102,7 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> (&'static str, Handled) 
         ),
         "/readyz" => ("GET /readyz", readyz(app).await),
         "/metrics" => ("GET /metrics", Ok(metrics(app))),
+        "/openapi.json" => ("GET /openapi.json", Ok(openapi())),
         _ => ("unmatched", Err(Problem::not_found())),
     }
 }
@@ -288,6 +289,20 @@ async fn revoke_key(app: &App, req: Request<Incoming>, id: &str) -> Handled {
 
 fn agent_configuration() -> Resp {
     let mut r = json_response(StatusCode::OK, &crate::agent_config::document());
+    r.headers_mut().insert(
+        CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    r
+}
+
+/// docs/openapi.json, compiled in: the document describes this binary.
+fn openapi() -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from_static(include_bytes!(
+        "../../docs/openapi.json"
+    ))));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut().insert(
         CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=3600"),

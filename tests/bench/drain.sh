@@ -6,6 +6,7 @@
 #   usage: tests/bench/drain.sh [events] [batch size]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/bench/lib.sh
 N=${1:-100000}
 BATCH=${2:-1000}
 RATE=500
@@ -64,10 +65,4 @@ echo "events=$N batch=$BATCH elapsed=${ELAPSED}s bound=${BOUND}s ratio=$RATIO st
     echo "| $N | $BATCH | $RATE/min | ${ELAPSED} s | ${BOUND} s | **$RATIO** | $REQS | $STORED | $DUPS |"
     echo "<!-- drain:end -->"
 } >"$OUT/section.md"
-if grep -q '<!-- drain:start -->' BENCHMARKS.md; then
-    awk -v f="$OUT/section.md" '/<!-- drain:start -->/{while((getline l < f)>0) print l; skip=1} /<!-- drain:end -->/{skip=0; next} !skip' BENCHMARKS.md >"$OUT/b.md"
-    mv "$OUT/b.md" BENCHMARKS.md
-else
-    cat "$OUT/section.md" >>BENCHMARKS.md
-fi
-echo "wrote BENCHMARKS.md"
+write_section drain "$OUT/section.md"

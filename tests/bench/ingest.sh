@@ -9,6 +9,7 @@
 #   usage: tests/bench/ingest.sh [seconds per run] [client counts...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/bench/lib.sh
 SECS=${1:-15}
 shift || true
 CLIENTS=("${@:-8 32 64}")
@@ -102,10 +103,4 @@ echo "sidecar peak RSS: $RSS MiB"
     echo "Sidecar peak RSS (VmHWM) over all HTTP runs: **$RSS MiB** (target ≤ 64 MiB)."
     echo "<!-- ingest:end -->"
 } >"$OUT/section.md"
-if [ -f BENCHMARKS.md ] && grep -q '<!-- ingest:start -->' BENCHMARKS.md; then
-    awk -v f="$OUT/section.md" '/<!-- ingest:start -->/{while((getline l < f)>0) print l; skip=1} /<!-- ingest:end -->/{skip=0; next} !skip' BENCHMARKS.md >"$OUT/b.md"
-    mv "$OUT/b.md" BENCHMARKS.md
-else
-    cat "$OUT/section.md" >>BENCHMARKS.md
-fi
-echo "wrote BENCHMARKS.md"
+write_section ingest "$OUT/section.md"

@@ -6,6 +6,7 @@
 #   usage: tests/bench/reconcile.sh [events]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/bench/lib.sh
 N=${1:-1000000}
 PORT=55442
 B=/usr/lib/postgresql/15/bin
@@ -55,10 +56,4 @@ echo "events=$N reconcile_finish=${FINISH}s compute_drift(with aggregation)=${DR
     echo "| $N | ${FINISH} s | ${DRIFT} s | \`$RESULT\` |"
     echo "<!-- reconcile:end -->"
 } >"$OUT/section.md"
-if grep -q '<!-- reconcile:start -->' BENCHMARKS.md; then
-    awk -v f="$OUT/section.md" '/<!-- reconcile:start -->/{while((getline l < f)>0) print l; skip=1} /<!-- reconcile:end -->/{skip=0; next} !skip' BENCHMARKS.md >"$OUT/b.md"
-    mv "$OUT/b.md" BENCHMARKS.md
-else
-    cat "$OUT/section.md" >>BENCHMARKS.md
-fi
-echo "wrote BENCHMARKS.md"
+write_section reconcile "$OUT/section.md"

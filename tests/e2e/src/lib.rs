@@ -551,3 +551,34 @@ pub async fn assert_polar_holds_exactly(emu: &Emulator, sent: &[Sent]) {
         assert_eq!(meta, s.metadata, "metadata of {}", s.id);
     }
 }
+
+/// Runs a one-shot `polar-meterd` command (backfill, reconcile) logged in as a
+/// fresh least-privilege role, talking to the emulator; returns its output.
+pub async fn meterd_cli(db: &TestDb, emu: &Emulator, args: &[&str]) -> std::process::Output {
+    let role = format!("cli_{}", uuid::Uuid::new_v4().simple());
+    db.admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
+        ))
+        .await
+        .unwrap();
+    tokio::process::Command::new(binary("polar-meterd"))
+        .args(args)
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!(
+                "postgres://{role}@{}:{}/{}",
+                pg::host(),
+                pg::port(),
+                db.name
+            ),
+        )
+        .env("POLAR_ACCESS_TOKEN", &emu.token)
+        .env("POLAR_API_URL", &emu.base)
+        .env("POLAR_RATE_LIMIT", "6000")
+        .output()
+        .await
+        .unwrap()
+}

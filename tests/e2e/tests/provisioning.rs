@@ -1,6 +1,6 @@
 //! Organization -> Polar team customer: created once, recovered when it
 //! already exists, and backfilled in bulk.
-use pm_e2e::{binary, eventually, http, pg, Emulator, Sidecar, TestDb};
+use pm_e2e::{eventually, http, meterd_cli, Emulator, Sidecar, TestDb};
 
 async fn customer_id(pg: &tokio_postgres::Client, org: &str) -> Option<String> {
     pg.query_one(
@@ -81,30 +81,7 @@ async fn backfill_provisions_fifty_orgs() {
     )
     .await
     .unwrap();
-    let role = format!("backfill_{}", uuid::Uuid::new_v4().simple());
-    pg.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
-    ))
-    .await
-    .unwrap();
-    let out = tokio::process::Command::new(binary("polar-meterd"))
-        .arg("backfill")
-        .env_clear()
-        .env(
-            "DATABASE_URL",
-            format!(
-                "postgres://{role}@{}:{}/{}",
-                pg::host(),
-                pg::port(),
-                db.name
-            ),
-        )
-        .env("POLAR_ACCESS_TOKEN", &emu.token)
-        .env("POLAR_API_URL", &emu.base)
-        .env("POLAR_RATE_LIMIT", "6000")
-        .output()
-        .await
-        .unwrap();
+    let out = meterd_cli(&db, &emu, &["backfill"]).await;
     assert!(
         out.status.success(),
         "{}",

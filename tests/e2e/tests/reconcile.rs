@@ -1,5 +1,5 @@
 //! Reconciliation: Polar's event list against what we recorded, per window.
-use pm_e2e::{binary, eventually, http, pg, record_many, statuses, Emulator, Sidecar, TestDb};
+use pm_e2e::{eventually, http, meterd_cli, record_many, statuses, Emulator, Sidecar, TestDb};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use tokio_postgres::Client;
@@ -205,31 +205,13 @@ async fn events_at_polar_we_never_sent_are_unexpected_and_a_backlog_is_not_drift
         .unwrap();
 
     // The manual path: polar-meterd reconcile, logged in as the sidecar role.
-    let role = format!("rec_{}", uuid::Uuid::new_v4().simple());
-    d.pg.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
-    ))
-    .await
-    .unwrap();
     let end = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
-    let out = tokio::process::Command::new(binary("polar-meterd"))
-        .args(["reconcile", "--window-end", &end, "--window-hours", "1"])
-        .env_clear()
-        .env(
-            "DATABASE_URL",
-            format!(
-                "postgres://{role}@{}:{}/{}",
-                pg::host(),
-                pg::port(),
-                d.db.name
-            ),
-        )
-        .env("POLAR_ACCESS_TOKEN", &d.emu.token)
-        .env("POLAR_API_URL", &d.emu.base)
-        .env("POLAR_RATE_LIMIT", "6000")
-        .output()
-        .await
-        .unwrap();
+    let out = meterd_cli(
+        &d.db,
+        &d.emu,
+        &["reconcile", "--window-end", &end, "--window-hours", "1"],
+    )
+    .await;
     assert!(
         out.status.success(),
         "{}",

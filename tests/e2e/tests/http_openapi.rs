@@ -1,0 +1,355 @@
+//! docs/openapi.json describes what polar-meterd really answers: every real
+//! response below has a status the document declares for its operation, the
+//! declared media type, and a body valid against the declared schema.
+use pm_e2e::{http, idem, now_rfc3339, repo_root, Sidecar, TestDb};
+use serde_json::{json, Value};
+
+fn resolve<'a>(doc: &'a Value, s: &'a Value) -> &'a Value {
+    match s["$ref"].as_str() {
+        Some(r) => doc
+            .pointer(&r[1..])
+            .unwrap_or_else(|| panic!("dangling $ref {r}")),
+        None => s,
+    }
+}
+
+fn type_ok(t: &str, v: &Value) -> bool {
+    match t {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        other => panic!("unsupported type {other}"),
+    }
+}
+
+/// The subset of JSON Schema the document uses.
+fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+    let s = resolve(doc, schema);
+    match &s["type"] {
+        Value::String(t) if !type_ok(t, v) => return Err(format!("{at}: expected {t}, got {v}")),
+        Value::Array(ts) if !ts.iter().any(|t| type_ok(t.as_str().unwrap(), v)) => {
+            return Err(format!("{at}: expected {ts:?}, got {v}"))
+        }
+        _ => {}
+    }
+    if let Some(e) = s["enum"].as_array() {
+        if !e.contains(v) {
+            return Err(format!("{at}: {v} not in {e:?}"));
+        }
+    }
+    if let Some(options) = s["oneOf"].as_array() {
+        let n = options
+            .iter()
+            .filter(|o| validate(doc, o, v, at).is_ok())
+            .count();
+        if n != 1 {
+            return Err(format!("{at}: {v} matches {n} of oneOf"));
+        }
+    }
+    if let (Some(str), Some(min)) = (v.as_str(), s["minLength"].as_u64()) {
+        if (str.chars().count() as u64) < min {
+            return Err(format!("{at}: shorter than {min}"));
+        }
+    }
+    if let Value::Object(m) = v {
+        for r in s["required"].as_array().into_iter().flatten() {
+            if !m.contains_key(r.as_str().unwrap()) {
+                return Err(format!("{at}: missing {r}"));
+            }
+        }
+        let props = s["properties"].as_object();
+        for (k, val) in m {
+            match props.and_then(|p| p.get(k)) {
+                Some(ps) => validate(doc, ps, val, &format!("{at}.{k}"))?,
+                None if s["additionalProperties"] == json!(false) => {
+                    return Err(format!("{at}: unexpected {k}"))
+                }
+                None if s["additionalProperties"].is_object() => {
+                    validate(doc, &s["additionalProperties"], val, &format!("{at}.{k}"))?
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Value::Array(items), Some(item)) = (v, s.get("items")) {
+        for (i, x) in items.iter().enumerate() {
+            validate(doc, item, x, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks one real response against the operation `method template`.
+async fn conforms(doc: &Value, method: &str, template: &str, resp: reqwest::Response) -> u16 {
+    let status = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+        .unwrap_or_default();
+    let body = resp.bytes().await.unwrap();
+    let op = &doc["paths"][template][method];
+    assert!(op.is_object(), "{method} {template} is not documented");
+    let declared = &op["responses"][status.to_string()];
+    assert!(
+        declared.is_object(),
+        "{method} {template} answered {status}, which the document does not declare"
+    );
+    let media = &declared["content"][&ct];
+    assert!(
+        media.is_object(),
+        "{method} {template} {status}: content-type {ct} not declared"
+    );
+    let v: Value = if ct.ends_with("json") {
+        serde_json::from_slice(&body).unwrap()
+    } else {
+        Value::String(String::from_utf8_lossy(&body).into())
+    };
+    if let Err(e) = validate(doc, &media["schema"], &v, "body") {
+        panic!("{method} {template} {status}: {e}\n{v}");
+    }
+    status
+}
+
+#[tokio::test]
+async fn real_responses_match_the_openapi_document() {
+    let doc: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("docs/openapi.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let db = TestDb::new().await;
+    let pg = db.admin().await;
+    db.org(&pg, "acme").await;
+    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (_, admin) = db.key(&pg, "acme", &["keys:manage"]).await;
+    let side = Sidecar::start(&db, &[]).await;
+    let c = http();
+    let meter = side.url("/api/v1/meter");
+    let event = json!({"event_name": "api.request", "event_timestamp": now_rfc3339(), "metadata": {"n": 1, "s": "x", "b": true}});
+    let m = "/api/v1/meter";
+    let mut seen = std::collections::BTreeSet::new();
+    let k = idem();
+    for (resp, want) in [
+        (
+            c.post(&meter)
+                .bearer_auth(&key)
+                .header("Idempotency-Key", &k)
+                .json(&event)
+                .send()
+                .await
+                .unwrap(),
+            202,
+        ),
+        (
+            c.post(&meter)
+                .bearer_auth(&key)
+                .header("Idempotency-Key", &k)
+                .json(&event)
+                .send()
+                .await
+                .unwrap(),
+            202,
+        ),
+        (
+            c.post(&meter)
+                .bearer_auth(&key)
+                .header("Idempotency-Key", &k)
+                .json(&json!({"event_name": "other", "event_timestamp": now_rfc3339()}))
+                .send()
+                .await
+                .unwrap(),
+            422,
+        ),
+        (
+            c.post(&meter)
+                .bearer_auth(&key)
+                .header("Idempotency-Key", idem())
+                .header("content-type", "application/json")
+                .body("{")
+                .send()
+                .await
+                .unwrap(),
+            400,
+        ),
+        (
+            c.post(&meter)
+                .header("Idempotency-Key", idem())
+                .json(&event)
+                .send()
+                .await
+                .unwrap(),
+            401,
+        ),
+        (
+            c.post(&meter)
+                .bearer_auth(&admin)
+                .header("Idempotency-Key", idem())
+                .json(&event)
+                .send()
+                .await
+                .unwrap(),
+            403,
+        ),
+        (
+            c.post(&meter)
+                .bearer_auth(&key)
+                .header("Idempotency-Key", idem())
+                .json(&json!({"event_name": "x".repeat(70_000), "event_timestamp": "t"}))
+                .send()
+                .await
+                .unwrap(),
+            413,
+        ),
+        (
+            c.post(&meter)
+                .bearer_auth(&key)
+                .header("Idempotency-Key", idem())
+                .body("x")
+                .send()
+                .await
+                .unwrap(),
+            415,
+        ),
+    ] {
+        assert_eq!(conforms(&doc, "post", m, resp).await, want);
+        seen.insert(("post", m, want));
+    }
+    let keys = side.url("/api/v1/api-keys");
+    let created = c
+        .post(&keys)
+        .bearer_auth(&admin)
+        .json(&json!({"name": "ci", "permissions": ["fence:meter"]}))
+        .send()
+        .await
+        .unwrap();
+    let created_body: Value = {
+        let bytes = created.bytes().await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let schema = &doc["paths"]["/api/v1/api-keys"]["post"]["responses"]["201"]["content"]
+        ["application/json"]["schema"];
+    validate(&doc, schema, &created_body, "body").unwrap();
+    let id = created_body["id"].as_str().unwrap();
+    let checks: Vec<(&str, &str, reqwest::Response, u16)> = vec![
+        (
+            "post",
+            "/api/v1/api-keys",
+            c.post(&keys)
+                .bearer_auth(&admin)
+                .json(&json!({"name": " "}))
+                .send()
+                .await
+                .unwrap(),
+            400,
+        ),
+        (
+            "get",
+            "/api/v1/api-keys",
+            c.get(&keys).bearer_auth(&admin).send().await.unwrap(),
+            200,
+        ),
+        (
+            "get",
+            "/api/v1/api-keys",
+            c.get(&keys).send().await.unwrap(),
+            401,
+        ),
+        (
+            "delete",
+            "/api/v1/api-keys/{id}",
+            c.delete(side.url(&format!("/api/v1/api-keys/{id}")))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap(),
+            200,
+        ),
+        (
+            "delete",
+            "/api/v1/api-keys/{id}",
+            c.delete(side.url(&format!("/api/v1/api-keys/{}", uuid::Uuid::new_v4())))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap(),
+            404,
+        ),
+        (
+            "get",
+            "/.well-known/agent-configuration",
+            c.get(side.url("/.well-known/agent-configuration"))
+                .send()
+                .await
+                .unwrap(),
+            200,
+        ),
+        (
+            "get",
+            "/healthz",
+            c.get(side.url("/healthz")).send().await.unwrap(),
+            200,
+        ),
+        (
+            "get",
+            "/readyz",
+            c.get(side.url("/readyz")).send().await.unwrap(),
+            200,
+        ),
+        (
+            "get",
+            "/metrics",
+            c.get(side.url("/metrics")).send().await.unwrap(),
+            200,
+        ),
+        (
+            "get",
+            "/openapi.json",
+            c.get(side.url("/openapi.json")).send().await.unwrap(),
+            200,
+        ),
+    ];
+    for (method, template, resp, want) in checks {
+        assert_eq!(
+            conforms(&doc, method, template, resp).await,
+            want,
+            "{method} {template}"
+        );
+        seen.insert((method, template, want));
+    }
+    // The served document is the one in docs/.
+    let served: Value = c
+        .get(side.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(served, doc);
+    // Every documented operation was exercised.
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            assert!(
+                seen.iter().any(|(m, p, _)| m == method && p == path),
+                "{method} {path} not exercised"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_validator_rejects_what_it_should() {
+    let doc = json!({"components": {"schemas": {"A": {"type": "object", "required": ["x"], "additionalProperties": false,
+        "properties": {"x": {"type": "string", "enum": ["a"]}}}}}});
+    let a = json!({"$ref": "#/components/schemas/A"});
+    assert!(validate(&doc, &a, &json!({"x": "a"}), "b").is_ok());
+    assert!(validate(&doc, &a, &json!({}), "b").is_err());
+    assert!(validate(&doc, &a, &json!({"x": "b"}), "b").is_err());
+    assert!(validate(&doc, &a, &json!({"x": "a", "y": 1}), "b").is_err());
+    assert!(validate(&doc, &a, &json!([]), "b").is_err());
+}

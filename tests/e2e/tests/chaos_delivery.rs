@@ -34,9 +34,11 @@ async fn faults_and_kills_still_deliver_each_event_exactly_once() {
     emu.faults(serde_json::json!({"error_5xx": 0.2, "rate_429": 0.1, "commit_then_drop": 0.05}))
         .await;
     let mut env = emu.sidecar_env();
+    // Small batches make ~200 sends of 10k events, so a 5% drop rate is all
+    // but certain to fire (0.95^200 < 1e-4) while the run stays short.
     for (k, v) in [
-        ("POLAR_BATCH_SIZE", "500"),
-        ("POLAR_RATE_LIMIT", "120"),
+        ("POLAR_BATCH_SIZE", "50"),
+        ("POLAR_RATE_LIMIT", "480"),
         ("POLAR_TIMEOUT_SECS", "2"),
         ("POLAR_METER_LEASE_SECS", "12"),
     ] {
@@ -97,8 +99,14 @@ async fn faults_and_kills_still_deliver_each_event_exactly_once() {
         .unwrap()
         .get(0);
     assert!(retried > 0, "some events needed more than one attempt");
+    // Every event whose acknowledgement was dropped came back and was
+    // absorbed as a duplicate (kills may add more resends, never fewer).
+    assert!(count("dropped") > 0, "commit-then-drop injected: {stats}");
+    let unacknowledged = stats["unacknowledged_inserts"].as_u64().unwrap();
+    assert!(unacknowledged > 0, "{stats}");
+    let duplicates = emu.events().await["duplicates"].as_u64().unwrap();
     assert!(
-        emu.events().await["duplicates"].as_u64().unwrap() > 0,
-        "resends after commit-then-drop or a kill were deduplicated"
+        duplicates >= unacknowledged,
+        "{duplicates} duplicates < {unacknowledged} unacknowledged inserts"
     );
 }

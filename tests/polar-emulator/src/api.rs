@@ -90,10 +90,11 @@ pub async fn handle(store: Shared, req: Request<Incoming>) -> Outcome {
     } else {
         api(&store, req, &path, version.as_deref()).await
     };
-    if let Outcome::Respond(r) = &out {
-        let key = format!("{method} {path} {}", r.status().as_u16());
-        *store.lock().unwrap().stats.entry(key).or_default() += 1;
-    }
+    let key = match &out {
+        Outcome::Respond(r) => format!("{method} {path} {}", r.status().as_u16()),
+        Outcome::Drop => format!("{method} {path} dropped"),
+    };
+    *store.lock().unwrap().stats.entry(key).or_default() += 1;
     match out {
         Outcome::Respond(mut r) => {
             let v = version
@@ -203,6 +204,18 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
         tokio::time::sleep(Duration::from_millis(faults.delay_ms.max(1))).await;
     }
     if drop_after_commit {
+        if path == "/v1/events/ingest" && out.status() == StatusCode::OK {
+            let body = out
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let inserted = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["inserted"].as_u64());
+            store.lock().unwrap().unacknowledged_inserts += inserted.unwrap_or(0);
+        }
         return Outcome::Drop;
     }
     Outcome::Respond(out)
@@ -621,7 +634,7 @@ async fn admin(store: &Shared, req: Request<Incoming>, path: &str) -> Outcome {
             let s = store.lock().unwrap();
             json_resp(
                 StatusCode::OK,
-                &json!({"requests": s.stats, "faults": s.faults}),
+                &json!({"requests": s.stats, "faults": s.faults, "unacknowledged_inserts": s.unacknowledged_inserts}),
             )
         }
         (&Method::POST, "/__admin/faults") => {
@@ -686,6 +699,7 @@ async fn admin(store: &Shared, req: Request<Incoming>, path: &str) -> Outcome {
             s.stats.clear();
             s.ingest_requests = 0;
             s.duplicates_seen = 0;
+            s.unacknowledged_inserts = 0;
             json_resp(StatusCode::OK, &json!({"reset": true}))
         }
         _ => not_found(),

@@ -71,6 +71,9 @@ pub struct Store {
     pub stats: HashMap<String, u64>,
     pub ingest_requests: u64,
     pub duplicates_seen: u64,
+    /// Events inserted by ingest requests whose response was then dropped:
+    /// the client never learned of them, so each must come back as a duplicate.
+    pub unacknowledged_inserts: u64,
 }
 
 impl Store {
@@ -91,6 +94,7 @@ impl Store {
             stats: HashMap::new(),
             ingest_requests: 0,
             duplicates_seen: 0,
+            unacknowledged_inserts: 0,
         }
     }
 

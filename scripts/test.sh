@@ -20,7 +20,7 @@ on_exit() {
 }
 trap on_exit EXIT
 
-# PM_ONLY=<suite> runs just that end-to-end suite (make fuzz uses it).
+# PM_ONLY="<suite> ..." runs just those end-to-end suites (make fuzz uses it).
 if [ -z "${PM_ONLY:-}" ]; then
 step "format"
 cargo fmt --all --check
@@ -68,7 +68,7 @@ scripts/cluster.sh start test "$PM_PG_PORT" pm_cron
 step "end-to-end suites"
 cargo build -p polar-meterd -p polar-emulator
 if [ -n "${PM_ONLY:-}" ]; then
-    cargo test -p pm-e2e --test "$PM_ONLY" -- --nocapture
+    for suite in $PM_ONLY; do cargo test -p pm-e2e --test "$suite" -- --nocapture; done
 else
     cargo test -p pm-e2e
 fi

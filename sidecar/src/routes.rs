@@ -2,7 +2,7 @@
 //! it cannot decide from HTTP alone is the extension's to judge.
 use bytes::Bytes;
 use deadpool_postgres::Pool;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE,
@@ -399,29 +399,38 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     app: &App,
     req: Request<Incoming>,
 ) -> Result<T, Problem> {
-    if !is_json(req.headers()) {
-        return Err(Problem::unsupported_media_type());
-    }
     let limit = app.max_body_bytes;
+    let json = is_json(req.headers());
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
+    if !json {
+        discard_rest(body).await;
+        return Err(Problem::unsupported_media_type());
+    }
     if declared.is_some_and(|n| n > limit as u64) {
+        discard_rest(body).await;
         return Err(Problem::too_large(limit));
     }
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Problem::too_large(limit))
-        }
-        Err(_) => {
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
             return Err(Problem::malformed_body(
                 "the request body could not be read",
-            ))
+            ));
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                discard_rest(body).await;
+                return Err(Problem::too_large(limit));
+            }
+            buf.extend_from_slice(&data);
         }
-    };
+    }
+    let body = buf;
     let de = &mut serde_json::Deserializer::from_slice(&body);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -433,6 +442,24 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
         }
     })?;
     Ok(value)
+}
+
+/// Reads and drops what is left of a refused body, so that a client still
+/// writing it reads our answer rather than a reset connection (a "lingering
+/// close", as nginx does). Bounded in bytes and time: past either, hyper
+/// closes the connection after the answer.
+async fn discard_rest(mut body: Incoming) {
+    const MAX_DISCARD: usize = 1 << 20;
+    let drain = async {
+        let mut seen = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > MAX_DISCARD {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
 }
 
 /// A JSON object whose keys are unique. serde_json would keep the last of two

@@ -220,7 +220,7 @@ async fn ten_thousand_hostile_requests_never_break_the_contract() {
                         let s = r.status().as_u16();
                         (s, ct, r.bytes().await.unwrap().to_vec())
                     }
-                    // Only an over-limit body may be cut off mid-write.
+                    // Every request gets an answer, over-limit bodies too.
                     Err(e) => (0, e.to_string(), Vec::new()),
                 }
             }
@@ -234,18 +234,12 @@ async fn ten_thousand_hostile_requests_never_break_the_contract() {
     let mut by_status = std::collections::BTreeMap::new();
     for (status, ct, body) in &results {
         *by_status.entry(*status).or_insert(0) += 1;
-        assert!(
-            *status != 0 || ct.contains("error sending request"),
-            "transport failure: {ct}"
-        );
+        assert!(*status != 0, "transport failure: {ct}");
         assert!(
             *status < 500,
             "a {status} for client input: {}",
             String::from_utf8_lossy(body)
         );
-        if *status == 0 {
-            continue;
-        }
         let v: Value = serde_json::from_slice(body)
             .unwrap_or_else(|_| panic!("not JSON ({status}): {:?}", String::from_utf8_lossy(body)));
         if *status == 202 {

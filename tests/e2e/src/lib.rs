@@ -324,8 +324,16 @@ pub struct Emulator {
 impl Emulator {
     pub async fn start(args: &[&str]) -> Emulator {
         let token = format!("polar_oat_{}", uuid::Uuid::new_v4().simple());
+        Self::start_with_tokens(&token, args).await
+    }
+
+    /// An emulator accepting `tokens` (its `--tokens` syntax); `token` is
+    /// the first of them.
+    pub async fn start_with_tokens(tokens: &str, args: &[&str]) -> Emulator {
+        let first = tokens.split(',').next().unwrap_or_default();
+        let token = first.split('=').next().unwrap_or_default().to_string();
         let mut cmd = tokio::process::Command::new(binary("polar-emulator"));
-        cmd.args(["--listen", "127.0.0.1:0", "--tokens", &token])
+        cmd.args(["--listen", "127.0.0.1:0", "--tokens", tokens])
             .args(args)
             .env_clear();
         let (child, addr, _) = spawn_listening(cmd).await;

@@ -66,6 +66,35 @@ fn invalid_token() -> Resp {
     r
 }
 
+/// The scopes of which an operation needs one (POLAR-API.md section 4).
+fn scopes_needed(method: &Method, path: &str) -> Option<&'static [&'static str]> {
+    match (method, path) {
+        (&Method::POST, "/v1/events/ingest") => Some(&["events:write"]),
+        (&Method::GET, "/v1/events/") => Some(&["events:read", "events:write"]),
+        (&Method::POST, "/v1/customers/") => Some(&["customers:write"]),
+        (&Method::PATCH, p) if p.starts_with("/v1/customers/") => Some(&["customers:write"]),
+        (&Method::GET, p) if p.starts_with("/v1/customers/") => {
+            Some(&["customers:read", "customers:write"])
+        }
+        _ => None,
+    }
+}
+
+fn insufficient_scope(scope: &str) -> Resp {
+    let mut r = json_resp(
+        StatusCode::FORBIDDEN,
+        &json!({"error": "insufficient_scope", "error_description": "The request requires higher privileges than provided by the access token."}),
+    );
+    r.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_str(&format!(
+            "Bearer realm=\"polar\", error=\"insufficient_scope\", scope=\"{scope}\""
+        ))
+        .unwrap(),
+    );
+    r
+}
+
 fn validation(kind: &str, detail: Vec<Value>) -> Resp {
     json_resp(
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -134,7 +163,7 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
         }
     }
     // Auth: Bearer polar_oat_... naming one organization.
-    let org = {
+    let grant = {
         let auth = req
             .headers()
             .get("authorization")
@@ -147,10 +176,11 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
             return Outcome::Respond(unauthorized());
         }
         match store.lock().unwrap().tokens.get(token.trim()) {
-            Some(o) => *o,
+            Some(g) => g.clone(),
             None => return Outcome::Respond(invalid_token()),
         }
     };
+    let org = grant.org;
     // Rate limit, then injected faults (a fault is a request Polar saw).
     let faults: Faults = {
         let mut s = store.lock().unwrap();
@@ -162,6 +192,11 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
         }
         s.faults.clone()
     };
+    if let Some(needed) = scopes_needed(req.method(), path) {
+        if !grant.allows(needed) {
+            return Outcome::Respond(insufficient_scope(needed[0]));
+        }
+    }
     if rand01() < faults.rate_429 {
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
@@ -662,7 +697,7 @@ async fn admin(store: &Shared, req: Request<Incoming>, path: &str) -> Outcome {
                 .unwrap_or_default();
             let v: Value = serde_json::from_slice(&body).unwrap_or_default();
             let mut s = store.lock().unwrap();
-            let org = *s.tokens.values().next().unwrap();
+            let org = s.tokens.values().next().unwrap().org;
             let c = Customer {
                 id: uuid::Uuid::new_v4(),
                 organization_id: org,

@@ -1,6 +1,6 @@
 //! polar-emulator: the subset of Polar's API that polar-meter uses, with
 //! Polar's behaviour (shared/polar/POLAR-API.md), not a happy-path fake:
-//! organization tokens, Polar-Version, ingest validation with all-or-nothing
+//! organization tokens and their scopes, Polar-Version, ingest validation with all-or-nothing
 //! 422s, external_id dedup per organization forever, the events list's
 //! exclusive bounds and page pagination, team customers with immutable
 //! external ids, per-organization rate limits with empty 429s, and injected

@@ -3,7 +3,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use polar_emulator::api::{self, Outcome};
 use polar_emulator::store::Store;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +13,8 @@ struct Args {
     /// Address to listen on (127.0.0.1:0 picks a free port; the log line says which).
     #[arg(long, env = "POLAR_EMULATOR_LISTEN", default_value = "127.0.0.1:8788")]
     listen: std::net::SocketAddr,
-    /// Organization access tokens accepted, comma-separated; each is its own organization.
+    /// Organization access tokens accepted, comma-separated; each is its own
+    /// organization. `token=scope+scope` restricts one (default: every scope).
     #[arg(
         long,
         env = "POLAR_EMULATOR_TOKENS",
@@ -40,12 +40,7 @@ async fn main() {
         .with_target(false)
         .init();
     let args = Args::parse();
-    let tokens: HashMap<String, uuid::Uuid> = args
-        .tokens
-        .split(',')
-        .filter(|t| !t.is_empty())
-        .map(|t| (t.trim().to_string(), uuid::Uuid::new_v4()))
-        .collect();
+    let tokens = polar_emulator::store::parse_tokens(&args.tokens);
     let rate = args
         .rate_limit
         .unwrap_or(if args.sandbox { 100 } else { 500 });

@@ -51,6 +51,52 @@ pub struct Faults {
     pub delay_ms: u64,
 }
 
+/// What one organization access token may do.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub org: uuid::Uuid,
+    /// None: every scope, as a token created with all boxes ticked.
+    pub scopes: Option<Vec<String>>,
+}
+
+impl Grant {
+    /// Whether the token holds at least one of `any_of`.
+    pub fn allows(&self, any_of: &[&str]) -> bool {
+        self.scopes
+            .as_ref()
+            .is_none_or(|held| any_of.iter().any(|s| held.iter().any(|h| h == s)))
+    }
+}
+
+/// Parses `--tokens`: comma-separated `token[=scope+scope...]`, each token
+/// its own organization, e.g. `polar_oat_a,polar_oat_b=events:read`.
+pub fn parse_tokens(spec: &str) -> HashMap<String, Grant> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let (token, scopes) = match t.split_once('=') {
+                Some((token, scopes)) => (
+                    token,
+                    Some(
+                        scopes
+                            .split('+')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                    ),
+                ),
+                None => (t, None),
+            };
+            let grant = Grant {
+                org: uuid::Uuid::new_v4(),
+                scopes,
+            };
+            (token.to_string(), grant)
+        })
+        .collect()
+}
+
 #[derive(Default)]
 pub struct Org {
     pub events: Vec<Event>,
@@ -60,8 +106,7 @@ pub struct Org {
 }
 
 pub struct Store {
-    /// token -> organization id
-    pub tokens: HashMap<String, uuid::Uuid>,
+    pub tokens: HashMap<String, Grant>,
     pub orgs: HashMap<uuid::Uuid, Org>,
     pub rate_per_minute: usize,
     pub visibility_delay: Duration,
@@ -78,12 +123,12 @@ pub struct Store {
 
 impl Store {
     pub fn new(
-        tokens: HashMap<String, uuid::Uuid>,
+        tokens: HashMap<String, Grant>,
         rate_per_minute: usize,
         visibility_delay: Duration,
         sandbox: bool,
     ) -> Self {
-        let orgs = tokens.values().map(|o| (*o, Org::default())).collect();
+        let orgs = tokens.values().map(|g| (g.org, Org::default())).collect();
         Store {
             tokens,
             orgs,
@@ -126,5 +171,22 @@ impl Store {
             .customers
             .iter()
             .find(|c| c.external_id.as_deref() == Some(ext))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_carry_their_scopes() {
+        let t = parse_tokens("polar_oat_a, polar_oat_b=events:read+customers:read,,");
+        assert_eq!(t.len(), 2);
+        assert_ne!(t["polar_oat_a"].org, t["polar_oat_b"].org);
+        assert!(t["polar_oat_a"].allows(&["events:write"]));
+        let b = &t["polar_oat_b"];
+        assert!(b.allows(&["events:read", "events:write"]));
+        assert!(!b.allows(&["events:write"]));
+        assert!(!b.allows(&["customers:write"]));
     }
 }

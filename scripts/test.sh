@@ -57,6 +57,9 @@ fi
 
 step "install the extension"
 cargo pgrx install -p polar_meter --pg-config "$PG_CONFIG" 2>&1 | tail -n 1
+# The previous release's frozen install script, so sql_upgrade can create
+# the extension at that version and ALTER EXTENSION ... UPDATE it.
+install -m 644 tests/upgrade/polar_meter--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 
 step "throwaway cluster on 127.0.0.1:$PM_PG_PORT"
 scripts/cluster.sh destroy test

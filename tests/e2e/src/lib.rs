@@ -376,6 +376,19 @@ impl Emulator {
             .unwrap()
     }
 
+    /// Answers by "METHOD path status" (or "dropped"), the faults in force,
+    /// and `unacknowledged_inserts`.
+    pub async fn stats(&self) -> serde_json::Value {
+        http()
+            .get(format!("{}/__admin/stats", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn customers(&self) -> Vec<serde_json::Value> {
         let v: serde_json::Value = http()
             .get(format!("{}/__admin/customers", self.base))

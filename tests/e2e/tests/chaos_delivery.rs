@@ -75,14 +75,7 @@ async fn faults_and_kills_still_deliver_each_event_exactly_once() {
     assert_polar_holds_exactly(&emu, &sent).await;
 
     // The faults really happened, and resends were absorbed as duplicates.
-    let stats: serde_json::Value = pm_e2e::http()
-        .get(format!("{}/__admin/stats", emu.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = emu.stats().await;
     let count = |status: &str| {
         stats["requests"][format!("POST /v1/events/ingest {status}")]
             .as_u64()

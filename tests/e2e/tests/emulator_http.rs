@@ -308,14 +308,7 @@ async fn each_injected_fault_does_what_it_says() {
         .await;
     assert!(sent.is_err(), "no answer expected: {sent:?}");
     assert_eq!(stored().await, 2);
-    let stats: Value = http()
-        .get(format!("{}/__admin/stats", emu.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = emu.stats().await;
     assert_eq!(stats["unacknowledged_inserts"], 2, "{stats}");
     assert_eq!(
         stats["requests"]["POST /v1/events/ingest dropped"], 1,

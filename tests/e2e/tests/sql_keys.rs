@@ -258,3 +258,115 @@ async fn last_used_at_is_written_at_most_once_a_minute() {
         .unwrap();
     assert!(last().await > stale, "rewritten once a minute has passed");
 }
+
+#[tokio::test]
+async fn rotation_hands_over_to_a_new_key_within_the_grace() {
+    let db = TestDb::new().await;
+    let c = db.admin().await;
+    db.org(&c, "acme").await;
+    let (old_id, old_key) = db.key(&c, "acme", &["fence:meter", "keys:manage"]).await;
+    let verify = |k: String| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT api_key_id FROM meter.verify_api_key($1, 'keys:manage')",
+                &[&k],
+            )
+            .await
+            .map(|r| r.get::<_, uuid::Uuid>(0))
+        }
+    };
+
+    let r = c
+        .query_one(
+            "SELECT new_id, key, start, old_key_expires_at - now() <= interval '1 hour' FROM meter.rotate_api_key($1, interval '1 hour')",
+            &[&old_id],
+        )
+        .await
+        .unwrap();
+    let (new_id, new_key): (uuid::Uuid, String) = (r.get(0), r.get(1));
+    assert!(r.get::<_, bool>(3));
+    assert_ne!(new_id, old_id);
+    assert_eq!(r.get::<_, String>(2), new_key[..7]);
+    // Both work during the grace; the new one has the old one's name and permissions.
+    assert_eq!(verify(new_key.clone()).await.unwrap(), new_id);
+    assert_eq!(verify(old_key.clone()).await.unwrap(), old_id);
+    let same: bool = c
+        .query_one(
+            "SELECT o.name = n.name AND o.permissions = n.permissions AND o.organization_id = n.organization_id
+             FROM meter.api_key o, meter.api_key n WHERE o.id = $1 AND n.id = $2",
+            &[&old_id, &new_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(same);
+    let audit = c
+        .query_one(
+            "SELECT detail->>'new_id' FROM meter.audit_log WHERE action = 'api_key.rotated' AND subject = $1",
+            &[&old_id.to_string()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit.get::<_, String>(0), new_id.to_string());
+
+    // A grace never lengthens a key's life; zero ends it at once.
+    let (short_id, short_key) = db.key(&c, "acme", &["keys:manage"]).await;
+    c.execute(
+        "UPDATE meter.api_key SET expires_at = now() + interval '5 minutes' WHERE id = $1",
+        &[&short_id],
+    )
+    .await
+    .unwrap();
+    let kept: bool = c
+        .query_one(
+            "SELECT old_key_expires_at = (SELECT expires_at FROM meter.api_key WHERE id = $1) AND old_key_expires_at < now() + interval '6 minutes'
+             FROM meter.rotate_api_key($1, interval '1 day')",
+            &[&short_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(kept);
+    c.query_one(
+        "SELECT new_id FROM meter.rotate_api_key($1, interval '0')",
+        &[&old_id],
+    )
+    .await
+    .unwrap();
+    assert_eq!(sqlstate(verify(old_key).await), "PM004");
+    assert_eq!(verify(short_key).await.unwrap(), short_id);
+
+    // Refusals, each with its own code.
+    c.query_one("SELECT meter.revoke_api_key($1)", &[&new_id])
+        .await
+        .unwrap();
+    for (sql, code) in [
+        (
+            format!("SELECT * FROM meter.rotate_api_key('{new_id}')"),
+            "PM003",
+        ),
+        (
+            format!("SELECT * FROM meter.rotate_api_key('{old_id}')"),
+            "PM004",
+        ),
+        (
+            "SELECT * FROM meter.rotate_api_key(gen_random_uuid())".to_string(),
+            "PM033",
+        ),
+        (
+            format!("SELECT * FROM meter.rotate_api_key('{short_id}', interval '31 days')"),
+            "PM034",
+        ),
+        (
+            format!("SELECT * FROM meter.rotate_api_key('{short_id}', interval '-1 second')"),
+            "PM034",
+        ),
+        (
+            format!("SELECT * FROM meter.rotate_api_key('{short_id}', NULL)"),
+            "PM034",
+        ),
+    ] {
+        assert_eq!(sqlstate(c.query(&sql, &[]).await), code, "{sql}");
+    }
+}

@@ -50,6 +50,7 @@ async fn the_sidecar_role_executes_functions_but_touches_no_table() {
         "SELECT * FROM meter.create_api_key('acme', 'evil')",
         "SELECT * FROM meter.list_api_keys('acme')",
         "SELECT meter.revoke_api_key(gen_random_uuid())",
+        "SELECT * FROM meter.rotate_api_key(gen_random_uuid())",
         "SELECT * FROM meter.record_event_for_org('acme', 'x', 'e', now())",
         "SELECT meter.set_schedule('drain', '* * * * *')",
         "SELECT nextval('meter.audit_log_id_seq')",

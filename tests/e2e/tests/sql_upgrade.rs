@@ -1,0 +1,185 @@
+//! ALTER EXTENSION polar_meter UPDATE from the previous release. The 0.1.0
+//! install script is frozen in tests/upgrade/ (scripts/test.sh installs it
+//! beside the current one). An upgraded database must be indistinguishable
+//! from a fresh install, and keep every record working.
+use pm_e2e::{connect, sqlstate};
+use std::collections::BTreeSet;
+use tokio_postgres::Client;
+
+const PREVIOUS: &str = "0.1.0";
+
+/// A database without the extension, created with it at `version` (None:
+/// the default, i.e. current, version).
+async fn database_with(version: Option<&str>) -> (String, Client) {
+    let name = format!("up_{}", uuid::Uuid::new_v4().simple());
+    connect("postgres", "postgres")
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE template0"))
+        .await
+        .unwrap();
+    let c = connect(&name, "postgres").await;
+    let create = match version {
+        Some(v) => format!("CREATE EXTENSION polar_meter VERSION '{v}'"),
+        None => "CREATE EXTENSION polar_meter".into(),
+    };
+    c.batch_execute(&create).await.unwrap();
+    (name, c)
+}
+
+/// Everything the extension consists of in one database, as text lines:
+/// each member object with its definition, comment and privileges, and the
+/// tables' columns, constraints, indexes, triggers and dump registration.
+async fn catalog(c: &Client) -> BTreeSet<String> {
+    let queries = [
+        // Member objects; functions with their full definition (body,
+        // volatility, SECURITY DEFINER, search_path).
+        "SELECT pg_describe_object(d.classid, d.objid, 0)
+                || coalesce(' ' || pg_get_functiondef(p.oid), '')
+                || ' comment=' || coalesce(obj_description(d.objid, cl.relname), '-')
+                || ' acl=' || coalesce(p.proacl::text, r.relacl::text, t.typacl::text, '-')
+         FROM pg_depend d
+         JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'polar_meter'
+         JOIN pg_class cl ON cl.oid = d.classid
+         LEFT JOIN pg_proc p ON d.classid = 'pg_proc'::regclass AND p.oid = d.objid AND p.prokind IN ('f', 'p')
+         LEFT JOIN pg_class r ON d.classid = 'pg_class'::regclass AND r.oid = d.objid
+         LEFT JOIN pg_type t ON d.classid = 'pg_type'::regclass AND t.oid = d.objid
+         WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'",
+        "SELECT format('column %s.%s %s notnull=%s default=%s comment=%s', c.relname, a.attname,
+                       format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                       pg_get_expr(ad.adbin, ad.adrelid), col_description(c.oid, a.attnum))
+         FROM pg_attribute a
+         JOIN pg_class c ON c.oid = a.attrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'meter'
+         LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+         WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'c')",
+        "SELECT format('constraint %s %s %s', c.conrelid::regclass, c.conname, pg_get_constraintdef(c.oid))
+         FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace AND n.nspname = 'meter'",
+        "SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'meter'",
+        "SELECT 'trigger ' || pg_get_triggerdef(t.oid)
+         FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'meter'
+         WHERE NOT t.tgisinternal",
+        "SELECT format('dumped %s where %s', cfg::regclass, cond)
+         FROM pg_extension e, unnest(e.extconfig, e.extcondition) AS u(cfg, cond)
+         WHERE e.extname = 'polar_meter'",
+        "SELECT 'schema acl ' || nspacl::text FROM pg_namespace WHERE nspname = 'meter'",
+    ];
+    let mut out = BTreeSet::new();
+    for q in queries {
+        for row in c.query(q, &[]).await.unwrap() {
+            out.insert(row.get::<_, String>(0));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_previous_release_upgrades_to_exactly_a_fresh_install() {
+    let (_, fresh) = database_with(None).await;
+    let (_, upgraded) = database_with(Some(PREVIOUS)).await;
+    let before = catalog(&upgraded).await;
+    upgraded
+        .batch_execute("ALTER EXTENSION polar_meter UPDATE")
+        .await
+        .unwrap();
+    let version: String = upgraded
+        .query_one("SELECT meter.extension_version()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+
+    let (want, got) = (catalog(&fresh).await, catalog(&upgraded).await);
+    assert!(
+        want.len() > 100,
+        "the comparison sees the objects: {}",
+        want.len()
+    );
+    assert_ne!(
+        before, want,
+        "the versions differ, so the script had work to do"
+    );
+    let missing: Vec<_> = want.difference(&got).collect();
+    let extra: Vec<_> = got.difference(&want).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "upgraded database differs from a fresh install:\nmissing {missing:#?}\nextra {extra:#?}"
+    );
+}
+
+#[tokio::test]
+async fn records_made_before_the_upgrade_keep_working_after_it() {
+    let (name, c) = database_with(Some(PREVIOUS)).await;
+    c.batch_execute("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
+        .await
+        .unwrap();
+    let key: String = c
+        .query_one(
+            "SELECT key FROM meter.create_api_key('acme', 'fence', '{fence:meter}')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let first: uuid::Uuid = c
+        .query_one(
+            "SELECT event_id FROM meter.record_event($1, 'k1', 'api.request', now(), '{\"n\": 1}')",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute("SELECT meter.seal_audit_log(); ALTER EXTENSION polar_meter UPDATE")
+        .await
+        .unwrap();
+    drop(c);
+
+    // A new session, as the sidecar would open after the upgrade: the old
+    // row is still found by its idempotency key, for a replay and a mismatch.
+    let c = connect(&name, "postgres").await;
+    let replay = c
+        .query_one(
+            "SELECT status, event_id FROM meter.record_event($1, 'k1', 'api.request',
+                 (SELECT event_timestamp FROM meter.meter_event WHERE idempotency_key = 'k1'), '{\"n\": 1}')",
+            &[&key],
+        )
+        .await
+        .unwrap();
+    assert_eq!(replay.get::<_, String>(0), "already_recorded");
+    assert_eq!(replay.get::<_, uuid::Uuid>(1), first);
+    let mismatch = c
+        .query_one(
+            "SELECT status FROM meter.record_event($1, 'k1', 'api.request', now(), '{\"n\": 2}')",
+            &[&key],
+        )
+        .await;
+    assert_eq!(sqlstate(mismatch), "PM020");
+    let rotated: String = c
+        .query_one(
+            "SELECT r.key FROM meter.api_key k, meter.rotate_api_key(k.id) r WHERE k.name = 'fence'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let second: String = c
+        .query_one(
+            "SELECT status FROM meter.record_event($1, 'k2', 'api.request', now(), '{}')",
+            &[&rotated],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(second, "recorded");
+    c.batch_execute("SELECT meter.seal_audit_log()")
+        .await
+        .unwrap();
+    let broken = c
+        .query_one("SELECT * FROM meter.verify_audit_chain()", &[])
+        .await
+        .unwrap();
+    assert!(
+        broken.get::<_, Option<i64>>(0).is_none(),
+        "the audit chain spans the upgrade unbroken"
+    );
+}

@@ -248,14 +248,15 @@ async fn dedup_validation_and_listing() {
 
 #[tokio::test]
 async fn events_show_in_the_list_only_after_the_visibility_delay() {
-    let emu = Emulator::start(&["--visibility-delay-ms", "1500"]).await;
+    // Long enough that a loaded machine cannot reach the first list late.
+    let emu = Emulator::start(&["--visibility-delay-ms", "5000"]).await;
     let r = ingest(&emu, &emu.token, &events(0..3)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         list(&emu, &emu.token, "").await.1["pagination"]["total_count"],
         0
     );
-    eventually(15, "events listed", || async {
+    eventually(30, "events listed", || async {
         (list(&emu, &emu.token, "").await.1["pagination"]["total_count"] == 3).then_some(())
     })
     .await;

@@ -20,14 +20,24 @@ fn events(ids: std::ops::Range<usize>) -> Value {
     json!({ "events": events })
 }
 
-async fn ingest(emu: &Emulator, token: &str, body: &Value) -> reqwest::Response {
-    http()
+/// POST /v1/events/ingest with `client`; the faults that answer nothing
+/// need the transport result itself.
+async fn send_ingest(
+    client: &reqwest::Client,
+    emu: &Emulator,
+    token: &str,
+    body: &Value,
+) -> reqwest::Result<reqwest::Response> {
+    client
         .post(format!("{}/v1/events/ingest", emu.base))
         .bearer_auth(token)
         .json(body)
         .send()
         .await
-        .unwrap()
+}
+
+async fn ingest(emu: &Emulator, token: &str, body: &Value) -> reqwest::Response {
+    send_ingest(&http(), emu, token, body).await.unwrap()
 }
 
 async fn list(emu: &Emulator, token: &str, query: &str) -> (u16, Value) {
@@ -268,13 +278,7 @@ async fn the_rate_limit_answers_an_empty_429_with_retry_after() {
     for _ in 0..3 {
         assert_eq!(list(&emu, &emu.token, "").await.0, 200);
     }
-    let r = http()
-        .post(format!("{}/v1/events/ingest", emu.base))
-        .bearer_auth(&emu.token)
-        .json(&events(0..1))
-        .send()
-        .await
-        .unwrap();
+    let r = ingest(&emu, &emu.token, &events(0..1)).await;
     assert_eq!(r.status(), 429);
     let wait: u64 = header(&r, "retry-after").parse().unwrap();
     assert!((1..=60).contains(&wait), "{wait}");
@@ -301,12 +305,7 @@ async fn each_injected_fault_does_what_it_says() {
 
     // Committed, then the connection closes without an answer.
     emu.faults(json!({"commit_then_drop": 1.0})).await;
-    let sent = http()
-        .post(format!("{}/v1/events/ingest", emu.base))
-        .bearer_auth(&emu.token)
-        .json(&events(0..2))
-        .send()
-        .await;
+    let sent = send_ingest(&http(), &emu, &emu.token, &events(0..2)).await;
     assert!(sent.is_err(), "no answer expected: {sent:?}");
     assert_eq!(stored().await, 2);
     let stats = emu.stats().await;
@@ -318,15 +317,11 @@ async fn each_injected_fault_does_what_it_says() {
 
     // Processed, but answered later than the client waits.
     emu.faults(json!({"timeout": 1.0, "delay_ms": 3000})).await;
-    let late = reqwest::Client::builder()
+    let impatient = reqwest::Client::builder()
         .timeout(std::time::Duration::from_millis(500))
         .build()
-        .unwrap()
-        .post(format!("{}/v1/events/ingest", emu.base))
-        .bearer_auth(&emu.token)
-        .json(&events(2..3))
-        .send()
-        .await;
+        .unwrap();
+    let late = send_ingest(&impatient, &emu, &emu.token, &events(2..3)).await;
     assert!(late.is_err_and(|e| e.is_timeout()));
     assert_eq!(stored().await, 3);
 

@@ -1,22 +1,19 @@
-//! Drift math (pure, in polar_meter_rules::drift) and the reconciliation
-//! entry points (drift.sql).
+//! Drift math (polar_meter_rules::drift), used by compute_drift (drift.sql)
+//! and reconcile_finish (reconcile.sql).
 use pgrx::prelude::*;
 use pgrx::JsonB;
+use polar_meter_rules::drift;
 
-pgrx::extension_sql_file!(
-    "drift.sql",
-    name = "drift",
-    requires = ["audit", _compute_drift]
-);
-
-/// `{"ok": result}` or `{"error": message}`; the SQL wrapper raises the latter
-/// with its own SQLSTATE.
+/// NULL when both sides are well formed, else the violation.
 #[pg_extern(immutable, strict, parallel_safe)]
-fn _compute_drift(local: JsonB, remote: JsonB) -> JsonB {
-    JsonB(
-        match polar_meter_rules::drift::compute(&local.0, &remote.0) {
-            Ok(v) => serde_json::json!({ "ok": v }),
-            Err(e) => serde_json::json!({ "error": e.0 }),
-        },
-    )
+fn _drift_violation(local: JsonB, remote: JsonB) -> Option<Vec<String>> {
+    drift::compute(&local.0, &remote.0)
+        .err()
+        .map(crate::errors::violation)
+}
+
+/// The drift of two well-formed sides (NULL otherwise: check first).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _drift(local: JsonB, remote: JsonB) -> Option<JsonB> {
+    drift::compute(&local.0, &remote.0).ok().map(JsonB)
 }

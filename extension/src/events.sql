@@ -1,120 +1,191 @@
--- Idempotent event recording: key check, validation, insert and audit row in
--- one call, one transaction.
+-- Recording events. Everything goes through one set-based core,
+-- _record_batch: one key check by the caller, every item checked in one Rust
+-- pass, one INSERT ... SELECT of the new rows in idempotency-key order (so
+-- concurrent batches wait on each other in one order and cannot deadlock),
+-- one read of what each key holds, one audit INSERT. A single event is a
+-- batch of one whose error is raised instead of returned.
 
-COMMENT ON FUNCTION meter._payload_hash(text, timestamptz, text) IS
-  'Internal: fingerprint of what an idempotency key stands for: sha256(event_name 0x1F unix microseconds 0x1F metadata as jsonb''s canonical text).';
-COMMENT ON FUNCTION meter._external_id(text, text) IS
-  'Internal: the stable external_id sent to Polar for an event: pm_ + 160 bits of sha256(org 0x1F idempotency key), hex.';
-
-CREATE FUNCTION meter._record_event(
-    org_id text, api_key_id uuid, idempotency_key text, event_name text,
-    event_timestamp timestamptz, metadata jsonb
-) RETURNS meter.recording
+CREATE FUNCTION meter._record_batch(org_id text, api_key_id uuid, events jsonb)
+RETURNS SETOF meter.batch_recording
 LANGUAGE plpgsql
--- No SET search_path: only called from SECURITY DEFINER functions that set
--- it, and a SET on every nested call costs more than the insert's checks.
+-- No SET search_path: only called from SECURITY DEFINER functions that set it.
 AS $$
 DECLARE
-    v_meta     jsonb := coalesce(metadata, '{}');
-    v_text     text := v_meta::text;
-    v_bad      text[];
-    v_hash     bytea;
-    v_ext      text;
+    v_now      timestamptz := now();
+    v_skew     bigint := meter._interval_us(meter._setting('max_future_skew')::interval);
     v_customer text;
-    v_id       uuid;
-    v_old      bytea;
-    v_audit    bigint;
+    v_idx      int[];
+    v_keys     text[];
+    v_names    text[];
+    v_ts       timestamptz[];
+    v_codes    text[];
+    v_msgs     text[];
+    v_hashes   bytea[];
+    v_ids      uuid[];
+    v_skeys    text[];
+    v_sids     uuid[];
+    v_shashes  bytea[];
 BEGIN
-    -- Assignments, not PERFORM or expressions inside the INSERT: plpgsql
-    -- evaluates these as plain expressions, several times faster.
-    v_bad := meter._event_violation(idempotency_key, event_name, event_timestamp, v_text, now(),
-        (extract(epoch FROM meter._setting('max_future_skew', '30 seconds')::interval) * 1000000)::bigint);
-    IF v_bad IS NOT NULL THEN
-        PERFORM meter._raise(v_bad);
-    END IF;
-    v_hash := meter._payload_hash(event_name, event_timestamp, v_text);
-    v_ext := meter._external_id(org_id, idempotency_key);
+    PERFORM meter._raise(meter._batch_violation(events));
+    SELECT array_agg(c.idx ORDER BY c.idx), array_agg(c.idempotency_key ORDER BY c.idx),
+           array_agg(c.event_name ORDER BY c.idx), array_agg(c.event_timestamp ORDER BY c.idx),
+           array_agg(c.sqlstate ORDER BY c.idx), array_agg(c.message ORDER BY c.idx),
+           array_agg(CASE WHEN c.sqlstate IS NULL THEN meter._payload_hash(c.event_name, c.event_timestamp,
+                          coalesce(events -> c.idx -> 'metadata', '{}')::text) END ORDER BY c.idx),
+           array_agg(gen_random_uuid() ORDER BY c.idx)
+    INTO v_idx, v_keys, v_names, v_ts, v_codes, v_msgs, v_hashes, v_ids
+    FROM meter._check_events(events, v_now, v_skew) c;
     SELECT o.polar_customer_id INTO v_customer FROM meter.organization o WHERE o.id = org_id;
 
-    INSERT INTO meter.meter_event AS e (organization_id, api_key_id, idempotency_key, event_name,
-        event_timestamp, metadata, payload_hash, external_id, polar_customer_id)
-    VALUES (org_id, api_key_id, idempotency_key, event_name, event_timestamp, v_meta, v_hash, v_ext, v_customer)
-    ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING
-    RETURNING e.id INTO v_id;
+    -- The first item of each key, in request order, is the one inserted.
+    -- Each item's id is drawn above, so which rows this call inserted is read
+    -- back below without RETURNING. An event is not due before its own
+    -- timestamp: Polar refuses events from its future.
+    INSERT INTO meter.meter_event (organization_id, id, api_key_id, idempotency_key, event_name, event_timestamp,
+                                   metadata, payload_hash, external_id, polar_customer_id, next_attempt_at)
+    SELECT org_id, f.id, api_key_id, f.k, f.n, f.ts, f.m, f.h, meter._external_id(org_id, f.k), v_customer,
+           greatest(v_now, f.ts)
+    FROM (SELECT DISTINCT ON (u.k) u.id, u.k, u.n, u.ts, u.h, coalesce(events -> u.i -> 'metadata', '{}') AS m
+          FROM unnest(v_idx, v_keys, v_names, v_ts, v_codes, v_hashes, v_ids) AS u(i, k, n, ts, code, h, id)
+          WHERE u.code IS NULL
+          ORDER BY u.k, u.i) f
+    ORDER BY f.k
+    ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING;
 
-    IF v_id IS NOT NULL THEN
-        v_audit := meter._audit(org_id, 'event.recorded', v_id::text,
-            jsonb_build_object('idempotency_key', idempotency_key, 'payload_hash', encode(v_hash, 'hex')));
-        RETURN ROW('recorded', v_id)::meter.recording;
-    END IF;
+    -- A new statement, so rows a concurrent transaction committed while the
+    -- INSERT waited on them are visible (READ COMMITTED).
+    SELECT array_agg(e.idempotency_key), array_agg(e.id), array_agg(e.payload_hash)
+    INTO v_skeys, v_sids, v_shashes
+    FROM meter.meter_event e
+    WHERE e.organization_id = org_id
+      AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_codes) AS u(k, code) WHERE u.code IS NULL));
 
-    -- The key exists (ON CONFLICT waited for a concurrent inserter to commit).
-    SELECT e.id, e.payload_hash INTO v_id, v_old
-    FROM meter.meter_event e WHERE e.organization_id = org_id AND e.idempotency_key = _record_event.idempotency_key;
-    IF NOT FOUND THEN
-        -- Only under REPEATABLE READ or SERIALIZABLE can the winner be invisible.
+    INSERT INTO meter.audit_log (organization_id, action, subject, detail)
+    SELECT org_id, 'event.recorded', s.id::text,
+           jsonb_build_object('idempotency_key', s.k, 'payload_hash', encode(s.h, 'hex'))
+    FROM unnest(v_skeys, v_sids, v_shashes) AS s(k, id, h)
+    JOIN unnest(v_ids) AS mine(id) ON mine.id = s.id
+    ORDER BY s.k;
+
+    IF EXISTS (SELECT 1 FROM unnest(v_keys, v_codes) AS u(k, code)
+               WHERE u.code IS NULL AND u.k <> ALL (coalesce(v_skeys, '{}'))) THEN
+        -- Only under REPEATABLE READ or SERIALIZABLE can a winner be invisible.
         RAISE EXCEPTION USING ERRCODE = '40001',
-            MESSAGE = 'a concurrent transaction recorded this idempotency_key; retry';
+            MESSAGE = 'a concurrent transaction recorded one of these idempotency keys; retry';
     END IF;
-    IF v_old IS DISTINCT FROM v_hash THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM020',
-            MESSAGE = format('idempotency_key %L was already used with a different payload (event %s)',
-                             idempotency_key, v_id);
-    END IF;
-    RETURN ROW('already_recorded', v_id)::meter.recording;
+
+    RETURN QUERY
+    SELECT u.i,
+           CASE WHEN u.code IS NOT NULL THEN 'error'
+                WHEN s.id = u.id THEN 'recorded'
+                WHEN s.h = u.h THEN 'already_recorded'
+                ELSE 'error' END,
+           CASE WHEN u.code IS NULL AND (s.id = u.id OR s.h = u.h) THEN s.id END,
+           CASE WHEN u.code IS NOT NULL THEN u.code
+                WHEN s.id = u.id OR s.h = u.h THEN NULL
+                ELSE 'PM020' END,
+           CASE WHEN u.code IS NOT NULL THEN u.msg
+                WHEN s.id = u.id OR s.h = u.h THEN NULL
+                ELSE format('idempotency_key %L was already used with a different payload (event %s)', u.k, s.id) END
+    FROM unnest(v_idx, v_keys, v_codes, v_msgs, v_ids, v_hashes) AS u(i, k, code, msg, id, h)
+    LEFT JOIN unnest(v_skeys, v_sids, v_shashes) AS s(k, id, h) ON s.k = u.k
+    ORDER BY u.i;
 END
 $$;
-COMMENT ON FUNCTION meter._record_event(text, uuid, text, text, timestamptz, jsonb) IS
-  'Internal: validate and insert one event for an already-authorised organization.';
+COMMENT ON FUNCTION meter._record_batch(text, uuid, jsonb) IS
+  'Internal: the set-based core of recording, for an already-authorised organization: validates every item, inserts the first of each idempotency key, writes one audit row per new event, and returns one result per item in order.';
+
+CREATE FUNCTION meter._record_one(org_id text, api_key_id uuid, idempotency_key text, event_name text,
+                                  event_timestamp jsonb, metadata jsonb) RETURNS meter.recording
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    r meter.batch_recording;
+BEGIN
+    SELECT * INTO r FROM meter._record_batch(org_id, api_key_id, jsonb_build_array(jsonb_build_object(
+        'idempotency_key', idempotency_key, 'event_name', event_name, 'event_timestamp', event_timestamp,
+        'metadata', coalesce(metadata, '{}'))));
+    IF r.sqlstate IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = r.sqlstate, MESSAGE = r.message;
+    END IF;
+    RETURN ROW(r.status, r.event_id)::meter.recording;
+END
+$$;
+COMMENT ON FUNCTION meter._record_one(text, uuid, text, text, jsonb, jsonb) IS
+  'Internal: one event through _record_batch, its error raised. The timestamp is a JSON string (RFC 3339 text, or a timestamptz''s to_jsonb).';
 
 CREATE FUNCTION meter.record_event(
     api_key text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
 ) RETURNS meter.recording
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v meter.key_identity := meter._verify_api_key(record_event.api_key, 'fence:meter');
 BEGIN
-    RETURN meter._record_event(v.organization_id, v.api_key_id, idempotency_key, event_name, event_timestamp, metadata);
+    RETURN meter._record_one(v.organization_id, v.api_key_id, idempotency_key, event_name, to_jsonb(event_timestamp), metadata);
 END
 $$;
 COMMENT ON FUNCTION meter.record_event(text, text, text, timestamptz, jsonb) IS
-  'Records one usage event for the key''s organization: returns (status, event_id), status recorded or already_recorded. A replay with the same idempotency_key and payload returns already_recorded and the original id; a different payload raises PM020. Key errors PM001-PM005; validation PM010 name, PM012 future timestamp, PM013 metadata, PM014 idempotency key.';
+  'Records one usage event for the key''s organization: returns (status, event_id), status recorded or already_recorded. A replay with the same idempotency_key and payload returns already_recorded and the original id; a different payload raises PM020. Key errors PM001-PM005; validation PM010 name, PM011 timestamp, PM012 future timestamp, PM013 metadata, PM014 idempotency key.';
 
 CREATE FUNCTION meter.record_event(
     api_key text, idempotency_key text, event_name text, event_timestamp text, metadata jsonb DEFAULT '{}'
 ) RETURNS meter.recording
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     -- Key first, so an unauthenticated caller learns nothing about validation.
-    v     meter.key_identity := meter._verify_api_key(record_event.api_key, 'fence:meter');
-    v_bad text[] := meter._timestamp_text_violation(event_timestamp);
+    v meter.key_identity := meter._verify_api_key(record_event.api_key, 'fence:meter');
 BEGIN
-    IF v_bad IS NOT NULL THEN
-        PERFORM meter._raise(v_bad);
-    END IF;
-    RETURN meter._record_event(v.organization_id, v.api_key_id, idempotency_key, event_name,
-                               event_timestamp::timestamptz, metadata);
+    RETURN meter._record_one(v.organization_id, v.api_key_id, idempotency_key, event_name, to_jsonb(event_timestamp), metadata);
 END
 $$;
 COMMENT ON FUNCTION meter.record_event(text, text, text, text, jsonb) IS
-  'As record_event(..., timestamptz, ...), for a timestamp given as text (what HTTP clients send): it must be RFC 3339 with a timezone (Z or +hh:mm), else PM011. Untyped literals resolve to this form, so a naive literal is refused rather than read in the session''s zone.';
+  'As record_event(..., timestamptz, ...), for a timestamp given as text (what HTTP clients send): RFC 3339 with a timezone (Z or any offset up to +/-23:59), else PM011; rounded to the microsecond. Untyped literals resolve to this form, so a naive literal is refused rather than read in the session''s zone.';
+
+CREATE FUNCTION meter.record_events(api_key text, events jsonb)
+RETURNS SETOF meter.batch_recording
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v meter.key_identity := meter._verify_api_key(record_events.api_key, 'fence:meter');
+BEGIN
+    RETURN QUERY SELECT * FROM meter._record_batch(v.organization_id, v.api_key_id, events);
+END
+$$;
+COMMENT ON FUNCTION meter.record_events(text, jsonb) IS
+  'Records up to 1000 events in one call and one transaction: events is a JSON array of {idempotency_key, event_name, event_timestamp, metadata?}. Returns one row per item, in order: (idx from 0, status recorded | already_recorded | error, event_id, sqlstate, message). An invalid item never blocks the others; the same idempotency key twice: the first in request order wins, a later one is already_recorded (same payload) or PM020. A bad envelope raises PM016; key errors PM001-PM005.';
+
+CREATE FUNCTION meter.record_events_for_org(org_id text, events jsonb)
+RETURNS SETOF meter.batch_recording
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM meter._require_organization(org_id);
+    RETURN QUERY SELECT * FROM meter._record_batch(org_id, NULL, events);
+END
+$$;
+COMMENT ON FUNCTION meter.record_events_for_org(text, jsonb) IS
+  'record_events for DBAs: an organization''s events without an API key (api_key_id stays NULL). PM030 if the org is unknown.';
 
 CREATE FUNCTION meter.record_event_for_org(
     org_id text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
 ) RETURNS meter.recording
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM meter._require_organization(org_id);
-    RETURN meter._record_event(org_id, NULL, idempotency_key, event_name, event_timestamp, metadata);
+    RETURN meter._record_one(org_id, NULL, idempotency_key, event_name, to_jsonb(event_timestamp), metadata);
 END
 $$;
 COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, timestamptz, jsonb) IS
@@ -125,17 +196,12 @@ CREATE FUNCTION meter.record_event_for_org(
 ) RETURNS meter.recording
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM meter._raise(meter._timestamp_text_violation(event_timestamp));
-    RETURN meter.record_event_for_org(org_id, idempotency_key, event_name, event_timestamp::timestamptz, metadata);
+    PERFORM meter._require_organization(org_id);
+    RETURN meter._record_one(org_id, NULL, idempotency_key, event_name, to_jsonb(event_timestamp), metadata);
 END
 $$;
 COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, text, jsonb) IS
   'record_event_for_org with the timestamp as RFC 3339 text with a timezone (PM011 otherwise).';
-
-COMMENT ON FUNCTION meter._event_violation(text, text, timestamptz, text, timestamptz, bigint) IS
-  'Internal: NULL when an event may be recorded, else {sqlstate, message} (Rust, polar_meter_rules::validate: the one place the rules live).';
-COMMENT ON FUNCTION meter._timestamp_text_violation(text) IS
-  'Internal: NULL when text is an RFC 3339 timestamp with a timezone (and not before 1970), else {sqlstate, message}.';

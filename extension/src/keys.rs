@@ -1,13 +1,7 @@
-//! API keys: generation from the OS CSPRNG and the format check. Storage,
-//! verification and revocation are SQL in keys.sql.
+//! API keys: generation from the OS CSPRNG, the format check, the hash and the
+//! display hint (polar_meter_rules::keys). Storage and verification: keys.sql.
 use pgrx::prelude::*;
 use polar_meter_rules::keys;
-
-pgrx::extension_sql_file!(
-    "keys.sql",
-    name = "keys",
-    requires = [_generate_api_key, _api_key_wellformed, _key_hash]
-);
 
 /// A new plaintext key. Volatile: every call draws fresh randomness.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -24,4 +18,10 @@ fn _api_key_wellformed(key: &str) -> bool {
 #[pg_extern(immutable, strict, parallel_safe)]
 fn _key_hash(key: &str) -> Vec<u8> {
     keys::hash(key).to_vec()
+}
+
+/// What api_key.start stores: the key's first characters, enough to tell keys apart.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _api_key_start(key: &str) -> &str {
+    keys::start(key)
 }

@@ -1,24 +1,11 @@
--- API keys: create, list, revoke, verify. The plaintext key exists only in
--- create_api_key's result; the table keeps sha256(key).
-
-COMMENT ON FUNCTION meter._key_hash(text) IS 'Internal: what api_key.key_hash stores for a key (SHA-256 of its UTF-8 bytes).';
+-- API keys: create, list, revoke, rotate, verify. The plaintext key exists
+-- only in create_api_key's result; the table keeps sha256(key).
 
 CREATE FUNCTION meter.known_permissions() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT ARRAY['fence:meter', 'keys:manage'] $$;
 COMMENT ON FUNCTION meter.known_permissions() IS
   'Permissions a key can hold: fence:meter (record events), keys:manage (manage its org''s keys over HTTP).';
-
-CREATE FUNCTION meter._require_organization(org_id text) RETURNS void
-LANGUAGE plpgsql STABLE
-AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = _require_organization.org_id) THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM030', MESSAGE = format('org_id %L is not a known organization', org_id);
-    END IF;
-END
-$$;
-COMMENT ON FUNCTION meter._require_organization(text) IS 'Internal: raises PM030 unless the organization exists.';
 
 CREATE FUNCTION meter.create_api_key(
     org_id text,
@@ -28,40 +15,38 @@ CREATE FUNCTION meter.create_api_key(
 ) RETURNS TABLE (id uuid, key text, start text)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_key  text := meter._generate_api_key();
-    v_id   uuid;
-    v_bad  text[];
+    v_key   text := meter._generate_api_key();
+    v_start text := meter._api_key_start(v_key);
+    v_hash  bytea := meter._key_hash(v_key);
+    v_perms text[];
+    v_id    uuid;
 BEGIN
     PERFORM meter._require_organization(org_id);
     IF create_api_key.name IS NULL OR length(btrim(create_api_key.name)) NOT BETWEEN 1 AND 128 THEN
         RAISE EXCEPTION USING ERRCODE = 'PM032', MESSAGE = 'name must be 1 to 128 characters, not blank';
     END IF;
-    IF create_api_key.permissions IS NULL OR cardinality(create_api_key.permissions) = 0 THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM031', MESSAGE = 'permissions must name at least one permission';
-    END IF;
-    SELECT array_agg(p) INTO v_bad FROM unnest(create_api_key.permissions) p
-    WHERE p IS NULL OR NOT p = ANY (meter.known_permissions());
-    IF v_bad IS NOT NULL THEN
+    IF create_api_key.permissions IS NULL OR cardinality(create_api_key.permissions) = 0
+       OR array_position(create_api_key.permissions, NULL) IS NOT NULL
+       OR NOT create_api_key.permissions <@ meter.known_permissions() THEN
         RAISE EXCEPTION USING ERRCODE = 'PM031',
-            MESSAGE = format('permissions: unknown %s (known: %s)', v_bad, meter.known_permissions());
+            MESSAGE = format('permissions must name one or more of %s (got %s)', meter.known_permissions(), create_api_key.permissions);
     END IF;
     IF create_api_key.expires_at IS NOT NULL AND create_api_key.expires_at <= now() THEN
         RAISE EXCEPTION USING ERRCODE = 'PM034', MESSAGE = 'expires_at must be in the future';
     END IF;
-
+    -- Computed first: no subquery inside INSERT ... VALUES (Citus refuses it).
+    SELECT array_agg(DISTINCT p ORDER BY p) INTO v_perms FROM unnest(create_api_key.permissions) p;
     INSERT INTO meter.api_key (organization_id, name, start, key_hash, permissions, expires_at)
-    VALUES (org_id, create_api_key.name, left(v_key, 7), meter._key_hash(v_key),
-            (SELECT array_agg(DISTINCT p ORDER BY p) FROM unnest(create_api_key.permissions) p),
-            create_api_key.expires_at)
+    VALUES (org_id, create_api_key.name, v_start, v_hash, v_perms, create_api_key.expires_at)
     RETURNING api_key.id INTO v_id;
 
     PERFORM meter._audit(org_id, 'api_key.created', v_id::text,
-        jsonb_build_object('name', create_api_key.name, 'start', left(v_key, 7),
-                           'permissions', create_api_key.permissions, 'expires_at', create_api_key.expires_at));
-    RETURN QUERY SELECT v_id, v_key, left(v_key, 7);
+        jsonb_build_object('name', create_api_key.name, 'start', v_start,
+                           'permissions', v_perms, 'expires_at', create_api_key.expires_at));
+    RETURN QUERY SELECT v_id, v_key, v_start;
 END
 $$;
 COMMENT ON FUNCTION meter.create_api_key(text, text, text[], timestamptz) IS
@@ -73,30 +58,35 @@ RETURNS TABLE (id uuid, name text, start text, permissions text[], created_at ti
 LANGUAGE sql
 STABLE
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
-    SELECT k.id, k.name, k.start, k.permissions, k.created_at, k.expires_at, k.revoked_at, k.last_used_at
+    SELECT k.id, k.name, k.start, k.permissions, k.created_at, k.expires_at, k.revoked_at, u.last_used_at
     FROM meter.api_key k
+    LEFT JOIN meter.api_key_usage u ON u.organization_id = k.organization_id AND u.api_key_id = k.id
     WHERE k.organization_id = org_id
     ORDER BY k.created_at, k.id
 $$;
 COMMENT ON FUNCTION meter.list_api_keys(text) IS
-  'The keys of an organization, newest last. Never returns hashes or keys, only the start hint.';
+  'The keys of an organization, newest last, with when each was last used (to the minute). Never returns hashes or keys, only the start hint.';
 
 CREATE FUNCTION meter.revoke_api_key(id uuid) RETURNS timestamptz
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_now timestamptz := now();
     v_org text;
     v_revoked timestamptz;
 BEGIN
-    UPDATE meter.api_key k SET revoked_at = coalesce(k.revoked_at, now())
-    WHERE k.id = revoke_api_key.id
-    RETURNING k.organization_id, k.revoked_at INTO v_org, v_revoked;
+    SELECT k.organization_id, k.revoked_at INTO v_org, v_revoked FROM meter.api_key k
+    WHERE k.id = revoke_api_key.id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'PM033', MESSAGE = format('api key %s does not exist', revoke_api_key.id);
+    END IF;
+    IF v_revoked IS NULL THEN
+        v_revoked := v_now;
+        UPDATE meter.api_key k SET revoked_at = v_revoked WHERE k.id = revoke_api_key.id;
     END IF;
     PERFORM meter._audit(v_org, 'api_key.revoked', revoke_api_key.id::text, '{}');
     RETURN v_revoked;
@@ -109,7 +99,7 @@ CREATE FUNCTION meter.rotate_api_key(id uuid, grace interval DEFAULT '1 day')
 RETURNS TABLE (new_id uuid, key text, start text, old_key_expires_at timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     r       meter.api_key;
@@ -118,7 +108,7 @@ DECLARE
 BEGIN
     -- Bounded so a typo cannot leave a replaced secret valid for years.
     IF grace IS NULL OR grace < interval '0' OR grace > interval '30 days' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM034', MESSAGE = 'grace must be between 0 and 30 days';
+        RAISE EXCEPTION USING ERRCODE = 'PM037', MESSAGE = 'grace must be between 0 and 30 days';
     END IF;
     SELECT * INTO r FROM meter.api_key k WHERE k.id = rotate_api_key.id FOR UPDATE;
     IF NOT FOUND THEN
@@ -142,7 +132,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.rotate_api_key(uuid, interval) IS
-  'Replaces a key without downtime: creates a key with the same organization, name, permissions and expiry, returns (new_id, key, start, old_key_expires_at) with the plaintext shown this once, and lets the old key work for grace more (default 1 day, 0 to 30 days; never longer than it already had). Audited as api_key.rotated. Errors: PM033 no such key, PM003 revoked, PM004 expired, PM034 grace out of range.';
+  'Replaces a key without downtime: creates a key with the same organization, name, permissions and expiry, returns (new_id, key, start, old_key_expires_at) with the plaintext shown this once, and lets the old key work for grace more (default 1 day, 0 to 30 days; never longer than it already had). Audited as api_key.rotated. Errors: PM033 no such key, PM003 revoked, PM004 expired, PM037 grace out of range.';
 
 CREATE FUNCTION meter._verify_api_key(key text, permission text)
 RETURNS meter.key_identity
@@ -153,6 +143,8 @@ AS $$
 DECLARE
     r      meter.api_key;
     v_hash bytea;
+    v_now  timestamptz := now();
+    v_last timestamptz;
 BEGIN
     -- Shape first: a malformed key never costs a lookup. Messages never echo the key.
     IF key IS NULL OR NOT meter._api_key_wellformed(key) THEN
@@ -168,20 +160,30 @@ BEGIN
     IF r.revoked_at IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'PM003', MESSAGE = format('api key %s has been revoked', r.start);
     END IF;
-    IF r.expires_at IS NOT NULL AND r.expires_at <= now() THEN
+    IF r.expires_at IS NOT NULL AND r.expires_at <= v_now THEN
         RAISE EXCEPTION USING ERRCODE = 'PM004', MESSAGE = format('api key %s expired at %s', r.start, r.expires_at);
     END IF;
-    IF permission IS NOT NULL AND NOT permission = ANY (r.permissions) THEN
+    -- Fails closed: a NULL permission, or an array position that is not
+    -- found, is a refusal (never `NOT (p = ANY (...))`, NULL when a NULL is inside).
+    IF permission IS NULL OR array_position(r.permissions, permission) IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'PM005',
-            MESSAGE = format('api key %s lacks the permission %s', r.start, permission);
+            MESSAGE = format('api key %s lacks the permission %s', r.start, coalesce(permission, '(none named)'));
     END IF;
-    -- At most one write a minute per key; a key busy in another transaction
-    -- is skipped, not waited for.
-    IF r.last_used_at IS NULL OR r.last_used_at < now() - interval '1 minute' THEN
-        UPDATE meter.api_key k SET last_used_at = now()
-        WHERE k.id = (SELECT k2.id FROM meter.api_key k2 WHERE k2.id = r.id
-                      AND (k2.last_used_at IS NULL OR k2.last_used_at < now() - interval '1 minute')
-                      FOR NO KEY UPDATE SKIP LOCKED);
+    -- At most one write a minute per key, to a per-organization row; a row
+    -- busy in another transaction is skipped, not waited for.
+    SELECT u.last_used_at INTO v_last FROM meter.api_key_usage u
+    WHERE u.organization_id = r.organization_id AND u.api_key_id = r.id;
+    IF NOT FOUND THEN
+        INSERT INTO meter.api_key_usage (organization_id, api_key_id, last_used_at)
+        VALUES (r.organization_id, r.id, v_now) ON CONFLICT DO NOTHING;
+    ELSIF v_last < v_now - interval '1 minute' THEN
+        v_last := v_now - interval '1 minute';
+        UPDATE meter.api_key_usage u SET last_used_at = v_now
+        WHERE u.organization_id = r.organization_id
+          AND u.api_key_id = (SELECT u2.api_key_id FROM meter.api_key_usage u2
+                              WHERE u2.organization_id = r.organization_id AND u2.api_key_id = r.id
+                                AND u2.last_used_at < v_last
+                              FOR NO KEY UPDATE SKIP LOCKED);
     END IF;
     RETURN ROW(r.organization_id, r.id)::meter.key_identity;
 END
@@ -193,32 +195,14 @@ CREATE FUNCTION meter.verify_api_key(key text, permission text DEFAULT 'fence:me
 RETURNS meter.key_identity
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 BEGIN
     RETURN meter._verify_api_key(key, permission);
 END
 $$;
 COMMENT ON FUNCTION meter.verify_api_key(text, text) IS
-  'Checks a key and a permission; returns (organization_id, api_key_id). Distinct SQLSTATEs: PM001 malformed, PM002 unknown, PM003 revoked, PM004 expired, PM005 missing permission. Writes last_used_at at most once a minute per key.';
-
--- Keys and organizations are referenced by billing records; they are revoked,
--- never deleted.
-CREATE FUNCTION meter._refuse_delete() RETURNS trigger
-LANGUAGE plpgsql
-AS $$
-BEGIN
-    RAISE EXCEPTION USING ERRCODE = 'PM041',
-        MESSAGE = format('rows of %I.%I cannot be deleted: billing records refer to them', TG_TABLE_SCHEMA, TG_TABLE_NAME);
-END
-$$;
-COMMENT ON FUNCTION meter._refuse_delete() IS 'Internal trigger: refuses DELETE and TRUNCATE on tables that billing records refer to.';
-CREATE TRIGGER api_key_no_delete BEFORE DELETE ON meter.api_key
-    FOR EACH ROW EXECUTE FUNCTION meter._refuse_delete();
-CREATE TRIGGER organization_no_delete BEFORE DELETE ON meter.organization
-    FOR EACH ROW EXECUTE FUNCTION meter._refuse_delete();
-CREATE TRIGGER meter_event_no_delete BEFORE DELETE ON meter.meter_event
-    FOR EACH ROW EXECUTE FUNCTION meter._refuse_delete();
+  'Checks a key and a permission; returns (organization_id, api_key_id). Distinct SQLSTATEs: PM001 malformed, PM002 unknown, PM003 revoked, PM004 expired, PM005 missing permission (also when permission is NULL). Writes last_used_at at most once a minute per key.';
 
 -- The same operations for the holder of a keys:manage key, confined to the
 -- key's own organization. These are what the HTTP API calls (one call per
@@ -232,29 +216,41 @@ CREATE FUNCTION meter.create_own_api_key(
 ) RETURNS TABLE (id uuid, key text, start text, granted text[], valid_until timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_org text;
+    v_me    meter.key_identity;
+    v_minter meter.api_key;
     v_perms text[] := coalesce(create_own_api_key.permissions, '{fence:meter}');
+    v_until timestamptz := create_own_api_key.expires_at;
 BEGIN
-    v_org := (meter._verify_api_key(create_own_api_key.api_key, 'keys:manage')).organization_id;
+    v_me := meter._verify_api_key(create_own_api_key.api_key, 'keys:manage');
+    SELECT * INTO v_minter FROM meter.api_key k WHERE k.id = v_me.api_key_id;
+    -- A key can hand on only what it holds, and for no longer than it lives.
+    -- (Unknown permissions fall through to create_api_key's PM031.)
+    IF v_perms <@ meter.known_permissions() AND NOT v_perms <@ v_minter.permissions THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM006',
+            MESSAGE = format('permissions %s exceed what api key %s holds (%s)', v_perms, v_minter.start, v_minter.permissions);
+    END IF;
+    IF v_minter.expires_at IS NOT NULL THEN
+        v_until := least(coalesce(v_until, 'infinity'), v_minter.expires_at);
+    END IF;
     SELECT c.id, c.key, c.start INTO id, key, start
-    FROM meter.create_api_key(v_org, create_own_api_key.name, v_perms, create_own_api_key.expires_at) c;
+    FROM meter.create_api_key(v_me.organization_id, create_own_api_key.name, v_perms, v_until) c;
     -- A separate statement: the row inserted above is visible only from here.
     SELECT k.permissions, k.expires_at INTO granted, valid_until FROM meter.api_key k WHERE k.id = create_own_api_key.id;
     RETURN NEXT;
 END
 $$;
 COMMENT ON FUNCTION meter.create_own_api_key(text, text, text[], timestamptz) IS
-  'create_api_key for the organization of api_key, which must hold keys:manage (PM001-PM005 otherwise). permissions default to {fence:meter}. Returns the new key once, with the permissions it was granted and its expiry.';
+  'create_api_key for the organization of api_key, which must hold keys:manage (PM001-PM005 otherwise). permissions default to {fence:meter} and must be ones api_key holds (PM006); the expiry is clamped to api_key''s own. Returns the new key once, with the permissions it was granted and its expiry.';
 
 CREATE FUNCTION meter.list_own_api_keys(api_key text)
 RETURNS TABLE (id uuid, name text, start text, permissions text[], created_at timestamptz,
                expires_at timestamptz, revoked_at timestamptz, last_used_at timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_org text;
@@ -269,7 +265,7 @@ COMMENT ON FUNCTION meter.list_own_api_keys(text) IS
 CREATE FUNCTION meter.revoke_own_api_key(api_key text, id uuid) RETURNS timestamptz
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_org text;
@@ -289,9 +285,10 @@ CREATE FUNCTION meter.extension_version() RETURNS text
 LANGUAGE sql STABLE
 AS $$ SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'polar_meter' $$;
 COMMENT ON FUNCTION meter.extension_version() IS
-  'The installed polar_meter version; polar-meterd''s /readyz compares it with its own.';
+  'The installed polar_meter version; polar-meterd''s /readyz checks it against the range it supports.';
 
-COMMENT ON FUNCTION meter._generate_api_key() IS
-  'Internal: a new plaintext key, ak_ + 48 base62 characters from the OS CSPRNG (Rust, polar_meter_rules::keys).';
-COMMENT ON FUNCTION meter._api_key_wellformed(text) IS
-  'Internal: true when text has the exact shape of a key; checked before any lookup.';
+CREATE FUNCTION meter.oldest_supported_sidecar() RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT '0.3.0'::text $$;
+COMMENT ON FUNCTION meter.oldest_supported_sidecar() IS
+  'The oldest polar-meterd whose SQL calls this extension version still serves. A sidecar older than its own minimum reports not ready; a newer extension that still serves it keeps it in rotation (rolling upgrades: extension first, then sidecars).';

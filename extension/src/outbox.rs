@@ -1,15 +1,15 @@
-//! The delivery outbox towards Polar. Backoff math is a pure rule; claiming,
-//! leases and outcome reporting are SQL in outbox.sql.
+//! Delivery constants and the backoff formula (polar_meter_rules::backoff).
+//! Claims, leases and outcomes: outbox.sql.
 use pgrx::prelude::*;
 use polar_meter_rules::backoff;
-
-pgrx::extension_sql_file!(
-    "outbox.sql",
-    name = "outbox",
-    requires = ["audit", _backoff_seconds]
-);
 
 #[pg_extern(immutable, strict, parallel_safe)]
 fn _backoff_seconds(attempts: i32, jitter: f64, base_secs: f64, cap_secs: f64) -> f64 {
     backoff::delay_secs(attempts, jitter, base_secs, cap_secs)
+}
+
+/// Failed attempts after which an event is dropped.
+#[pg_extern(immutable, parallel_safe)]
+fn _max_attempts() -> i32 {
+    backoff::MAX_ATTEMPTS
 }

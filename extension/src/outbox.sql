@@ -1,46 +1,25 @@
 -- The delivery outbox towards Polar. Claim (commit), call Polar, report
 -- (commit): no transaction is ever held open across an HTTP call.
 --
--- A claim is a lease: rows become in_flight with a batch_id and
--- next_attempt_at = lease end, so a drainer that dies leaves rows that are
--- due again when the lease runs out. Claims use FOR UPDATE SKIP LOCKED, so
--- concurrent drainers never hold the same row. Reports only touch rows still
--- held by the reporting batch.
+-- Only sidecars claim: a claim is a lease on due events of one
+-- organization (in_flight, a batch_id, next_attempt_at = the lease's end),
+-- so a sidecar that dies leaves rows that are due again when it runs out,
+-- and FOR UPDATE SKIP LOCKED keeps two sidecars off the same rows. An
+-- organization's events are due only once its Polar customer exists.
+-- Reports touch only rows the reporting batch still holds.
 
 CREATE FUNCTION meter.backoff_delay(attempts int, jitter double precision DEFAULT random()) RETURNS interval
 LANGUAGE sql
 STABLE
 PARALLEL SAFE
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
     SELECT make_interval(secs => meter._backoff_seconds(attempts, jitter,
-        extract(epoch FROM meter._setting('backoff_base', '60 seconds')::interval)::float8,
-        extract(epoch FROM meter._setting('backoff_cap', '6 hours')::interval)::float8))
+        extract(epoch FROM meter._setting('backoff_base')::interval)::float8,
+        extract(epoch FROM meter._setting('backoff_cap')::interval)::float8))
 $$;
 COMMENT ON FUNCTION meter.backoff_delay(int, double precision) IS
-  'Wait after the attempts-th failed delivery: min(cap, base * 2^(attempts-1)) * (0.75 + 0.5 * jitter), jitter in [0,1) (default random(), so +/-25%). base = GUC polar_meter.backoff_base (default 60 s), cap = polar_meter.backoff_cap (default 6 h): about 1, 2, 4, 8, 16, 32 minutes before attempts 2..7. Pass jitter => 0.5 for the exact midpoint.';
-COMMENT ON FUNCTION meter._backoff_seconds(int, double precision, double precision, double precision) IS
-  'Internal: the backoff formula in seconds (Rust, polar_meter_rules::backoff).';
-
-CREATE FUNCTION meter._alert(kind text, organization_id text, detail jsonb) RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_payload text;
-BEGIN
-    PERFORM meter._audit(coalesce(organization_id, ''), 'alert.' || kind, NULL, detail);
-    -- NOTIFY payloads must stay under 8000 bytes: the detail is cut, never the alert.
-    v_payload := jsonb_build_object('kind', kind, 'organization_id', organization_id, 'at', now(), 'detail', detail)::text;
-    IF octet_length(v_payload) > 7000 THEN
-        v_payload := jsonb_build_object('kind', kind, 'organization_id', organization_id, 'at', now(),
-            'detail', jsonb_build_object('truncated', true, 'summary', left(detail::text, 3000)))::text;
-    END IF;
-    PERFORM pg_notify('polar_meter_alert', v_payload);
-    RAISE WARNING 'polar_meter alert %: %', kind, left(detail::text, 500);
-END
-$$;
-COMMENT ON FUNCTION meter._alert(text, text, jsonb) IS
-  'Internal: the one alert path: an audit row (alert.<kind>), NOTIFY polar_meter_alert (the sidecar logs it and forwards it to ALERT_WEBHOOK_URL) and a server log WARNING.';
+  'Wait after the attempts-th failed delivery: min(cap, base * 2^(attempts-1)) * (0.75 + 0.5 * jitter), jitter in [0,1) (default random(), so +/-25%). base = setting backoff_base (default 60 s), cap = backoff_cap (default 6 h): about 1, 2, 4, 8, 16, 32 minutes before attempts 2..7. Pass jitter => 0.5 for the exact midpoint.';
 
 CREATE FUNCTION meter._event_payload(e meter.meter_event) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -52,117 +31,145 @@ AS $$
         'timestamp', to_char(e.event_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
         -- Polar's event list does not return external_id; reconciliation
         -- matches on this instead.
-        'metadata', e.metadata || jsonb_build_object('meter_event_id', e.id::text))
+        'metadata', e.metadata || jsonb_build_object(meter._reserved_metadata_key(), e.id::text))
 $$;
 COMMENT ON FUNCTION meter._event_payload(meter.meter_event) IS
   'Internal: the event as Polar''s EventCreateExternalCustomer: name, external_customer_id = org id, stable external_id, UTC timestamp, metadata plus meter_event_id.';
 
-CREATE FUNCTION meter.drain_meter_outbox(
-    max_events int DEFAULT 1000,
-    lease interval DEFAULT '2 minutes',
-    notify boolean DEFAULT true
-) RETURNS TABLE (batch_id uuid, event_id uuid, payload jsonb)
+CREATE FUNCTION meter.due_organizations(max_orgs int DEFAULT 100)
+RETURNS TABLE (organization_id text, oldest_due timestamptz)
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now timestamptz := now();
+BEGIN
+    RETURN QUERY
+    -- A skip scan over meter_event_due: one index probe per organization,
+    -- however long one organization's backlog is.
+    WITH RECURSIVE orgs(org) AS (
+        (SELECT e.organization_id FROM meter.meter_event e
+         WHERE e.polar_status IN ('pending', 'failed', 'in_flight')
+         ORDER BY e.organization_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT e.organization_id FROM meter.meter_event e
+                WHERE e.polar_status IN ('pending', 'failed', 'in_flight') AND e.organization_id > orgs.org
+                ORDER BY e.organization_id LIMIT 1)
+        FROM orgs WHERE orgs.org IS NOT NULL
+    )
+    SELECT orgs.org, d.due
+    FROM orgs
+    JOIN meter.organization o ON o.id = orgs.org AND o.polar_customer_id IS NOT NULL
+    CROSS JOIN LATERAL (
+        SELECT e.next_attempt_at AS due FROM meter.meter_event e
+        WHERE e.organization_id = orgs.org AND e.polar_status IN ('pending', 'failed', 'in_flight')
+        ORDER BY e.next_attempt_at LIMIT 1) d
+    WHERE d.due <= v_now
+    ORDER BY d.due
+    LIMIT max_orgs;
+END
+$$;
+COMMENT ON FUNCTION meter.due_organizations(int) IS
+  'Organizations with events due now and a Polar customer, the longest-waiting first (at most max_orgs). A sidecar claims one batch of each in turn, so one organization''s backlog never holds back another''s fresh events by more than one round.';
+
+CREATE FUNCTION meter.claim_events(org_id text, max_events int DEFAULT 1000, lease interval DEFAULT '2 minutes')
+RETURNS TABLE (batch_id uuid, event_id uuid, payload jsonb)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_batch uuid := gen_random_uuid();
-    v_n bigint;
+    v_now   timestamptz := now();
+    v_until timestamptz;
 BEGIN
     IF max_events IS NULL OR max_events < 1 OR lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM034', MESSAGE = 'max_events must be >= 1 and lease a positive interval';
+        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'max_events must be >= 1 and lease a positive interval';
+    END IF;
+    v_until := v_now + lease;
+    -- Delivery waits for the customer: Polar has failed to link events sent
+    -- before their customer existed.
+    IF NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = org_id AND o.polar_customer_id IS NOT NULL) THEN
+        RETURN;
     END IF;
     RETURN QUERY
     WITH due AS (
         SELECT d.organization_id, d.id FROM meter.meter_event d
-        WHERE d.polar_status IN ('pending', 'failed', 'in_flight') AND d.next_attempt_at <= now()
-          -- Polar refuses events from its future: let a skewed one ripen.
-          AND d.event_timestamp <= now()
+        WHERE d.organization_id = org_id AND d.polar_status IN ('pending', 'failed', 'in_flight')
+          AND d.next_attempt_at <= v_now
         ORDER BY d.next_attempt_at
         LIMIT max_events
         FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE meter.meter_event e
-        SET polar_status = 'in_flight', batch_id = v_batch, last_attempt_at = now(),
-            lease_expires_at = now() + lease, next_attempt_at = now() + lease
+        SET polar_status = 'in_flight', batch_id = v_batch, last_attempt_at = v_now,
+            lease_expires_at = v_until, next_attempt_at = v_until
         FROM due WHERE e.organization_id = due.organization_id AND e.id = due.id
         RETURNING e.*
     )
     SELECT v_batch, c.id, meter._event_payload(c::meter.meter_event) FROM claimed c;
-    GET DIAGNOSTICS v_n = ROW_COUNT;
-    IF notify AND v_n > 0 THEN
-        -- A hint only: a sidecar takes the batch over (take_meter_batch).
-        PERFORM pg_notify('meter_outbox', v_batch::text);
-    END IF;
-    IF notify THEN
-        PERFORM meter.check_delivery_health();
-    END IF;
 END
 $$;
-COMMENT ON FUNCTION meter.drain_meter_outbox(int, interval, boolean) IS
-  'Claims up to max_events due events (pending, failed past their backoff, or in_flight past their lease) as one batch under a lease, and returns (batch_id, event_id, payload) with payload ready for Polar''s ingest. With notify (the pg_cron job) it also wakes the sidecar (NOTIFY meter_outbox, payload = batch id), which takes the batch over, and checks for stale outboxes and unprovisioned orgs. The sidecar calls it with notify => false and sends what it got.';
+COMMENT ON FUNCTION meter.claim_events(text, int, interval) IS
+  'Claims up to max_events due events of one organization (pending, failed past their backoff, or in_flight past their lease) as one batch under a lease, and returns (batch_id, event_id, payload) with payload ready for Polar''s ingest. Nothing while the organization has no Polar customer. PM050 on a bad size or lease.';
 
-CREATE FUNCTION meter.take_meter_batch(batch_id uuid, lease interval DEFAULT '2 minutes')
-RETURNS TABLE (new_batch_id uuid, event_id uuid, payload jsonb)
+CREATE FUNCTION meter.delivery_sent(org_id text, batch_id uuid, event_ids uuid[]) RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_batch uuid := gen_random_uuid();
-BEGIN
-    -- Atomic hand-over: of several sidecars woken by one NOTIFY, one gets the rows.
-    RETURN QUERY
-    WITH moved AS (
-        UPDATE meter.meter_event e
-        SET batch_id = v_batch, lease_expires_at = now() + lease, next_attempt_at = now() + lease
-        WHERE e.batch_id = take_meter_batch.batch_id AND e.polar_status = 'in_flight'
-        RETURNING e.*
-    )
-    SELECT v_batch, m.id, meter._event_payload(m::meter.meter_event) FROM moved m;
-END
-$$;
-COMMENT ON FUNCTION meter.take_meter_batch(uuid, interval) IS
-  'Takes over a batch claimed by drain_meter_outbox (the cron job) under a new batch id and lease; returns its events, or nothing if another sidecar took it first.';
-
-CREATE FUNCTION meter.delivery_sent(batch_id uuid, event_ids uuid[]) RETURNS int
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog
-AS $$
-DECLARE
+    v_now  timestamptz := now();
+    v_late timestamptz := now() - meter._setting('reconcile_lag')::interval;
+    v_days date[];
     n int;
 BEGIN
+    -- Events older than the reconcile lag may sit in a window that was
+    -- already reconciled: their days are marked for the daily job to re-open.
+    SELECT array_agg(DISTINCT (e.event_timestamp AT TIME ZONE 'UTC')::date) INTO v_days
+    FROM meter.meter_event e
+    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_sent.batch_id
+      AND e.polar_status = 'in_flight' AND e.event_timestamp < v_late;
     UPDATE meter.meter_event e
-    SET polar_status = 'sent', sent_at = now(), last_error = NULL, batch_id = NULL, lease_expires_at = NULL
-    WHERE e.batch_id = delivery_sent.batch_id AND e.polar_status = 'in_flight' AND e.id = ANY (event_ids);
+    SET polar_status = 'sent', sent_at = v_now, last_error = NULL, batch_id = NULL, lease_expires_at = NULL
+    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_sent.batch_id
+      AND e.polar_status = 'in_flight';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF v_days IS NOT NULL THEN
+        INSERT INTO meter.reconcile_dirty AS d (organization_id, day, marked_at)
+        SELECT org_id, x, v_now FROM unnest(v_days) x
+        ON CONFLICT ON CONSTRAINT reconcile_dirty_pkey DO UPDATE SET marked_at = v_now;
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION meter.delivery_sent(text, uuid, uuid[]) IS
+  'Polar accepted these events (a 200 whose inserted + duplicates is the batch size: duplicates are events Polar already had). Marks them sent; days of late events are marked for reconciliation. Returns how many were still held by this batch.';
+
+CREATE FUNCTION meter.delivery_deferred(org_id text, batch_id uuid, event_ids uuid[], retry_after interval)
+RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_next timestamptz := now() + greatest(coalesce(retry_after, '1 second'), '0');
+    n int;
+BEGIN
+    -- Not an attempt: Polar asked us to wait (429), or Polar as a whole is
+    -- unavailable (a property of the deployment, not of these events).
+    UPDATE meter.meter_event e
+    SET polar_status = 'pending', next_attempt_at = v_next, batch_id = NULL, lease_expires_at = NULL
+    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_deferred.batch_id
+      AND e.polar_status = 'in_flight';
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
 $$;
-COMMENT ON FUNCTION meter.delivery_sent(uuid, uuid[]) IS
-  'Polar accepted these events (a 200, duplicates included: Polar already had them). Marks them sent; returns how many were still held by this batch.';
-
-CREATE FUNCTION meter.delivery_deferred(batch_id uuid, event_ids uuid[], retry_after interval) RETURNS int
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog
-AS $$
-DECLARE
-    n int;
-BEGIN
-    -- A 429 is Polar asking us to wait, not a failed attempt.
-    UPDATE meter.meter_event e
-    SET polar_status = 'pending', next_attempt_at = now() + greatest(coalesce(retry_after, '1 second'), '0'),
-        batch_id = NULL, lease_expires_at = NULL
-    WHERE e.batch_id = delivery_deferred.batch_id AND e.polar_status = 'in_flight' AND e.id = ANY (event_ids);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$$;
-COMMENT ON FUNCTION meter.delivery_deferred(uuid, uuid[], interval) IS
-  'Polar rate-limited the call (429): the events become pending again after retry_after. Not counted as an attempt.';
+COMMENT ON FUNCTION meter.delivery_deferred(text, uuid, uuid[], interval) IS
+  'The call did not count against these events (a 429, or Polar unavailable as a whole: bad token, unreachable, failing everywhere): they become pending again after retry_after, attempts untouched.';
 
 CREATE FUNCTION meter._dead_letters(kind text, organization_id text, event_ids uuid[], error text, detail jsonb DEFAULT '{}')
 RETURNS void
@@ -170,98 +177,151 @@ LANGUAGE plpgsql
 AS $$
 BEGIN
     -- An audit row for each event, one alert for the organization.
-    PERFORM meter._audit(organization_id, 'event.' || kind, x::text, jsonb_build_object('error', left(error, 500)))
+    INSERT INTO meter.audit_log (organization_id, action, subject, detail)
+    SELECT _dead_letters.organization_id, 'event.' || kind, x::text, jsonb_build_object('error', left(error, 500))
     FROM unnest(event_ids) x;
     PERFORM meter._alert('event_' || kind, organization_id,
-        jsonb_build_object('events', cardinality(event_ids), 'event_ids', event_ids[1:20], 'error', left(error, 500)) || detail);
+        jsonb_build_object('events', cardinality(event_ids), 'event_ids', event_ids[1:20], 'error', left(error, 500)) || detail,
+        event_ids[1]::text);
 END
 $$;
 COMMENT ON FUNCTION meter._dead_letters(text, text, uuid[], text, jsonb) IS
   'Internal: records events that stopped being delivered (kind dropped or rejected): an audit row event.<kind> each and one event_<kind> alert.';
 
-CREATE FUNCTION meter.delivery_failed(batch_id uuid, event_ids uuid[], error text) RETURNS int
+CREATE FUNCTION meter.delivery_failed(org_id text, batch_id uuid, event_ids uuid[], error text) RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_max int := 7;   -- polar_meter_rules::backoff::MAX_ATTEMPTS
-    n int := 0;
-    r record;
+    v_max int := meter._max_attempts();
+    v_now timestamptz := now();
+    v_ids uuid[];
+    v_attempts int[];
+    v_last timestamptz[];
+    v_next timestamptz[] := '{}';
+    v_status text[] := '{}';
+    v_dropped uuid[];
+    n int;
+    i int;
 BEGIN
-    FOR r IN
-        WITH failed AS (
-            UPDATE meter.meter_event e
-            SET attempts = e.attempts + 1,
-                last_error = left(error, 1000),
-                polar_status = CASE WHEN e.attempts + 1 >= v_max THEN 'dropped' ELSE 'failed' END,
-                next_attempt_at = CASE WHEN e.attempts + 1 >= v_max THEN 'infinity'
-                                       ELSE coalesce(e.last_attempt_at, now()) + meter.backoff_delay(e.attempts + 1) END,
-                batch_id = NULL, lease_expires_at = NULL
-            WHERE e.batch_id = delivery_failed.batch_id AND e.polar_status = 'in_flight' AND e.id = ANY (event_ids)
-            RETURNING e.organization_id, e.id, e.polar_status
-        )
-        SELECT f.organization_id, count(*) AS n,
-               array_agg(f.id) FILTER (WHERE f.polar_status = 'dropped') AS dropped
-        FROM failed f GROUP BY f.organization_id
-    LOOP
-        n := n + r.n;
-        IF r.dropped IS NOT NULL THEN
-            PERFORM meter._dead_letters('dropped', r.organization_id, r.dropped, error,
-                jsonb_build_object('attempts', v_max, 'action', 'fix the cause, then SELECT meter.requeue_dropped()'));
+    SELECT array_agg(e.id), array_agg(e.attempts + 1), array_agg(coalesce(e.last_attempt_at, v_now))
+    INTO v_ids, v_attempts, v_last
+    FROM meter.meter_event e
+    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_failed.batch_id
+      AND e.polar_status = 'in_flight';
+    IF v_ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    -- next_attempt_at = last_attempt_at + backoff_delay(attempts), each with
+    -- its own jitter, computed here: an UPDATE computes nothing from columns.
+    FOR i IN 1 .. cardinality(v_ids) LOOP
+        IF v_attempts[i] >= v_max THEN
+            v_status := v_status || 'dropped'::text;
+            v_next := v_next || 'infinity'::timestamptz;
+        ELSE
+            v_status := v_status || 'failed'::text;
+            v_next := v_next || (v_last[i] + meter.backoff_delay(v_attempts[i]));
         END IF;
     END LOOP;
+    WITH failed AS (
+        UPDATE meter.meter_event e
+        SET attempts = u.attempts, last_error = left(error, 1000), polar_status = u.status, next_attempt_at = u.next,
+            batch_id = NULL, lease_expires_at = NULL
+        FROM unnest(v_ids, v_attempts, v_status, v_next) AS u(id, attempts, status, next)
+        WHERE e.organization_id = org_id AND e.id = u.id
+          AND e.batch_id = delivery_failed.batch_id AND e.polar_status = 'in_flight'
+        RETURNING e.id, e.polar_status
+    )
+    SELECT count(*), array_agg(f.id) FILTER (WHERE f.polar_status = 'dropped') INTO n, v_dropped FROM failed f;
+    IF v_dropped IS NOT NULL THEN
+        PERFORM meter._dead_letters('dropped', org_id, v_dropped, error,
+            jsonb_build_object('attempts', v_max, 'action', 'fix the cause, then SELECT meter.requeue_dropped()'));
+    END IF;
     RETURN n;
 END
 $$;
-COMMENT ON FUNCTION meter.delivery_failed(uuid, uuid[], text) IS
-  'The call failed (5xx, timeout, connection lost, auth): attempts + 1 and next_attempt_at = last_attempt_at + backoff_delay(attempts). The 7th failure makes an event dropped, with an audit row, an event_dropped alert and a server warning; the row is kept for requeue_dropped.';
+COMMENT ON FUNCTION meter.delivery_failed(text, uuid, uuid[], text) IS
+  'A per-event failure (a 5xx or timeout on this batch while Polar is otherwise healthy): attempts + 1 and next_attempt_at = last_attempt_at + backoff_delay(attempts). The 7th failure makes an event dropped, with an audit row, an event_dropped alert and a server warning; the row is kept for requeue_dropped.';
 
-CREATE FUNCTION meter.delivery_rejected(batch_id uuid, event_ids uuid[], error text) RETURNS int
+CREATE FUNCTION meter.delivery_rejected(org_id text, batch_id uuid, event_ids uuid[], error text) RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
-    n int := 0;
-    r record;
+    v_ids uuid[];
 BEGIN
-    FOR r IN
-        WITH rejected AS (
-            UPDATE meter.meter_event e
-            SET polar_status = 'rejected', last_error = left(error, 1000), next_attempt_at = 'infinity',
-                batch_id = NULL, lease_expires_at = NULL
-            WHERE e.batch_id = delivery_rejected.batch_id AND e.polar_status = 'in_flight' AND e.id = ANY (event_ids)
-            RETURNING e.organization_id, e.id
-        )
-        SELECT x.organization_id, array_agg(x.id) AS ids FROM rejected x GROUP BY x.organization_id
-    LOOP
-        n := n + cardinality(r.ids);
-        PERFORM meter._dead_letters('rejected', r.organization_id, r.ids, error);
-    END LOOP;
+    WITH rejected AS (
+        UPDATE meter.meter_event e
+        SET polar_status = 'rejected', last_error = left(error, 1000), next_attempt_at = 'infinity',
+            batch_id = NULL, lease_expires_at = NULL
+        WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_rejected.batch_id
+          AND e.polar_status = 'in_flight'
+        RETURNING e.id
+    )
+    SELECT array_agg(r.id) INTO v_ids FROM rejected r;
+    IF v_ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM meter._dead_letters('rejected', org_id, v_ids, error);
+    RETURN cardinality(v_ids);
+END
+$$;
+COMMENT ON FUNCTION meter.delivery_rejected(text, uuid, uuid[], text) IS
+  'Polar refused these events (422): they become rejected, with an audit row each and an event_rejected alert. The rest of their batch is resent at once by the sidecar.';
+
+CREATE FUNCTION meter.delivery_too_early(org_id text, batch_id uuid, event_ids uuid[], error text) RETURNS int
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now    timestamptz := now();
+    v_recent timestamptz := now() - meter._setting('max_future_skew')::interval;
+    v_skewed uuid[];
+    v_other  uuid[];
+    n int := 0;
+BEGIN
+    -- Polar said "timestamp in the future". For an event within
+    -- max_future_skew of our now, Polar's clock is behind ours: a short wait
+    -- fixes it. For an older one, Polar is right to refuse it.
+    SELECT array_agg(e.id) FILTER (WHERE e.event_timestamp > v_recent),
+           array_agg(e.id) FILTER (WHERE e.event_timestamp <= v_recent)
+    INTO v_skewed, v_other
+    FROM meter.meter_event e
+    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_too_early.batch_id
+      AND e.polar_status = 'in_flight';
+    IF v_skewed IS NOT NULL THEN
+        n := meter.delivery_deferred(org_id, batch_id, v_skewed, interval '5 seconds');
+    END IF;
+    IF v_other IS NOT NULL THEN
+        PERFORM meter.delivery_rejected(org_id, batch_id, v_other, error);
+    END IF;
     RETURN n;
 END
 $$;
-COMMENT ON FUNCTION meter.delivery_rejected(uuid, uuid[], text) IS
-  'Polar refused these events (422): they become rejected, with an audit row each and an event_rejected alert. The rest of their batch is resent at once by the sidecar.';
+COMMENT ON FUNCTION meter.delivery_too_early(text, uuid, uuid[], text) IS
+  'Polar refused these events as "in the future". Those timestamped within max_future_skew of now are retried in 5 seconds without counting an attempt (clock skew between us and Polar); the rest are rejected as by delivery_rejected. Returns how many were retried.';
 
 CREATE FUNCTION meter.requeue_dropped(org_id text DEFAULT NULL, include_rejected boolean DEFAULT false) RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_now timestamptz := now();
     n bigint;
 BEGIN
     UPDATE meter.meter_event e
-    SET polar_status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+    SET polar_status = 'pending', attempts = 0, next_attempt_at = v_now, last_error = NULL
     WHERE (e.polar_status = 'dropped' OR (include_rejected AND e.polar_status = 'rejected'))
       AND (org_id IS NULL OR e.organization_id = org_id);
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM meter._audit(coalesce(org_id, ''), 'events.requeued', NULL,
         jsonb_build_object('events', n, 'include_rejected', include_rejected));
     IF n > 0 THEN
-        PERFORM pg_notify('meter_outbox', 'requeued');
+        PERFORM pg_notify('meter_outbox', '');
     END IF;
     RETURN n;
 END
@@ -269,77 +329,87 @@ $$;
 COMMENT ON FUNCTION meter.requeue_dropped(text, boolean) IS
   'Gives dropped events (and rejected ones with include_rejected) another life once the cause is fixed: pending, attempts 0, due now. Their external_id is unchanged, so anything Polar already holds stays a duplicate. Optionally for one org. Returns the count.';
 
-CREATE FUNCTION meter.check_delivery_health() RETURNS int
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog
-AS $$
-DECLARE
-    v_oldest timestamptz;
-    v_stale interval := meter._setting('outbox_stale_after', '1 hour')::interval;
-    v_unprov interval := meter._setting('provision_alert_after', '1 hour')::interval;
-    n int := 0;
-    r record;
-BEGIN
-    SELECT min(e.next_attempt_at) INTO v_oldest FROM meter.meter_event e
-    WHERE e.polar_status IN ('pending', 'failed', 'in_flight');
-    -- Nested, not AND: plpgsql does not promise to short-circuit, and
-    -- _alert_due records that the alert fired.
-    IF v_oldest < now() - v_stale THEN
-      IF meter._alert_due('outbox_stale', '') THEN
-        PERFORM meter._alert('outbox_stale', '', jsonb_build_object('oldest_due_since', v_oldest,
-            'due', (SELECT count(*) FROM meter.meter_event e WHERE e.polar_status IN ('pending', 'failed', 'in_flight')
-                    AND e.next_attempt_at <= now())));
-        n := n + 1;
-      END IF;
-    END IF;
-    FOR r IN SELECT o.id, o.provision_attempts, o.provision_error FROM meter.organization o
-             WHERE o.polar_customer_id IS NULL AND o.created_at < now() - v_unprov LOOP
-        IF meter._alert_due('customer_provisioning_failed', r.id) THEN
-            PERFORM meter._alert('customer_provisioning_failed', r.id,
-                jsonb_build_object('attempts', r.provision_attempts, 'error', r.provision_error));
-            n := n + 1;
-        END IF;
-    END LOOP;
-    RETURN n;
-END
-$$;
-COMMENT ON FUNCTION meter.check_delivery_health() IS
-  'Raises outbox_stale when an event has been due for longer than GUC polar_meter.outbox_stale_after (1 hour), and customer_provisioning_failed for orgs still without a Polar customer after polar_meter.provision_alert_after (1 hour); each at most once an hour. Run by the drain job. Returns alerts raised.';
-
-CREATE FUNCTION meter._alert_due(kind text, organization_id text) RETURNS boolean
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_fired boolean;
-BEGIN
-    INSERT INTO meter.alert_state AS s (kind, organization_id, last_at)
-    VALUES (_alert_due.kind, _alert_due.organization_id, now())
-    ON CONFLICT ON CONSTRAINT alert_state_pkey DO UPDATE SET last_at = now() WHERE s.last_at < now() - interval '1 hour'
-    RETURNING true INTO v_fired;
-    RETURN coalesce(v_fired, false);
-END
-$$;
-COMMENT ON FUNCTION meter._alert_due(text, text) IS 'Internal: true (and remembered) when this alert has not fired in the last hour.';
-
 CREATE FUNCTION meter.resend_events(event_ids uuid[]) RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_now timestamptz := now();
     n bigint;
 BEGIN
     UPDATE meter.meter_event e
-    SET polar_status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+    SET polar_status = 'pending', attempts = 0, next_attempt_at = v_now, last_error = NULL
     WHERE e.id = ANY (event_ids) AND e.polar_status IN ('sent', 'dropped', 'rejected');
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM meter._audit('', 'events.resent', NULL, jsonb_build_object('events', n, 'event_ids', event_ids[1:100]));
     IF n > 0 THEN
-        PERFORM pg_notify('meter_outbox', 'resend');
+        PERFORM pg_notify('meter_outbox', '');
     END IF;
     RETURN n;
 END
 $$;
 COMMENT ON FUNCTION meter.resend_events(uuid[]) IS
   'Sends the given events again (for example those a reconciliation found missing at Polar): pending, attempts 0, due now. Safe: they keep their external_id, so an event Polar does hold stays a duplicate there. Events in flight or pending are left alone. Returns how many were queued.';
+
+CREATE FUNCTION meter.take_polar_slot(per_minute int) RETURNS double precision
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now  timestamptz := clock_timestamp();
+    v_step interval;
+    b      meter.polar_budget;
+    v_slot timestamptz;
+BEGIN
+    IF per_minute IS NULL OR per_minute < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'per_minute must be >= 1';
+    END IF;
+    v_step := make_interval(secs => 60.0 / per_minute);
+    INSERT INTO meter.polar_budget DEFAULT VALUES ON CONFLICT DO NOTHING;
+    SELECT * INTO b FROM meter.polar_budget FOR UPDATE;
+    v_slot := greatest(b.next_slot, b.paused_until, v_now);
+    UPDATE meter.polar_budget SET next_slot = v_slot + v_step;
+    RETURN extract(epoch FROM v_slot - v_now);
+END
+$$;
+COMMENT ON FUNCTION meter.take_polar_slot(int) IS
+  'Reserves the next slot for a Polar call in the budget every sidecar of this database shares (calls spaced 60/per_minute seconds apart, none before a 429''s Retry-After) and returns the seconds to wait for it. Call it in its own short transaction, just before the call.';
+
+CREATE FUNCTION meter.pause_polar(retry_after interval) RETURNS timestamptz
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_until timestamptz := clock_timestamp() + greatest(coalesce(retry_after, '1 second'), '0');
+    b meter.polar_budget;
+BEGIN
+    INSERT INTO meter.polar_budget DEFAULT VALUES ON CONFLICT DO NOTHING;
+    SELECT * INTO b FROM meter.polar_budget FOR UPDATE;
+    v_until := greatest(b.paused_until, v_until);
+    UPDATE meter.polar_budget SET paused_until = v_until;
+    RETURN v_until;
+END
+$$;
+COMMENT ON FUNCTION meter.pause_polar(interval) IS
+  'Polar answered 429 with Retry-After: no sidecar of this database takes a slot before then. Returns the end of the pause.';
+
+CREATE FUNCTION meter.drain_meter_outbox() RETURNS jsonb
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_alerts int;
+BEGIN
+    -- The database cannot call Polar: the cron job wakes the sidecars (a
+    -- hint without payload) and checks that delivery is healthy.
+    PERFORM pg_notify('meter_outbox', '');
+    v_alerts := meter.check_delivery_health();
+    RETURN meter.outbox_stats() || jsonb_build_object('alerts_raised', v_alerts);
+END
+$$;
+COMMENT ON FUNCTION meter.drain_meter_outbox() IS
+  'The pg_cron safety net (every 5 minutes): wakes the sidecars (NOTIFY meter_outbox), which claim and deliver, and runs check_delivery_health. Returns outbox_stats plus alerts_raised. Since 0.3 it claims nothing itself: only sidecars claim (claim_events).';

@@ -10,7 +10,7 @@ AS $$
            ('seal',      'polar_meter_seal',      '* * * * *',   'SELECT meter.seal_audit_log()')
 $$;
 COMMENT ON FUNCTION meter.jobs() IS
-  'The periodic jobs polar_meter needs: drain (safety net; the sidecar drains continuously), reconcile (daily) and seal (audit chain).';
+  'The periodic jobs polar_meter needs: drain (wakes the sidecars and checks delivery health; the sidecars drain continuously), reconcile (daily, with late windows re-opened and a full run weekly) and seal (audit chains).';
 
 CREATE FUNCTION meter._has_pg_cron() RETURNS boolean
 LANGUAGE sql STABLE
@@ -20,7 +20,7 @@ COMMENT ON FUNCTION meter._has_pg_cron() IS 'Internal: is pg_cron installed in t
 CREATE FUNCTION meter.install_schedules() RETURNS TABLE (jobname text, schedule text)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     j record;
@@ -49,7 +49,7 @@ COMMENT ON FUNCTION meter.install_schedules() IS
 CREATE FUNCTION meter.set_schedule(job text, schedule text) RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     j record;
@@ -57,14 +57,14 @@ DECLARE
 BEGIN
     SELECT * INTO j FROM meter.jobs() x WHERE x.job = set_schedule.job;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM034',
+        RAISE EXCEPTION USING ERRCODE = 'PM070',
             MESSAGE = format('job must be one of %s', (SELECT string_agg(x.job, ', ') FROM meter.jobs() x));
     END IF;
     IF NOT meter._has_pg_cron() THEN
         RAISE EXCEPTION USING ERRCODE = 'PM035', MESSAGE = 'pg_cron is not installed in this database';
     END IF;
     IF schedule IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM034', MESSAGE = 'schedule must be a cron expression';
+        RAISE EXCEPTION USING ERRCODE = 'PM071', MESSAGE = 'schedule must be a cron expression';
     END IF;
     v_id := cron.schedule(j.jobname, schedule, j.command);   -- same name: updated in place
     PERFORM meter._audit('', 'schedule.changed', j.jobname, jsonb_build_object('schedule', schedule));
@@ -72,12 +72,12 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.set_schedule(text, text) IS
-  'Changes a job''s cron schedule (job: drain, reconcile or seal); returns the pg_cron job id. pg_cron validates the expression (it cannot go below one minute). PM034 unknown job, PM035 no pg_cron.';
+  'Changes a job''s cron schedule (job: drain, reconcile or seal); returns the pg_cron job id. pg_cron validates the expression (it cannot go below one minute). PM070 unknown job, PM071 no schedule, PM035 no pg_cron.';
 
 CREATE FUNCTION meter.unschedule_jobs() RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = meter, pg_catalog
+SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     n int := 0;

@@ -8,7 +8,8 @@
 
 pub const DEFAULT_BASE_SECS: f64 = 60.0;
 pub const DEFAULT_CAP_SECS: f64 = 6.0 * 3600.0;
-/// Failed attempts after which an event is `dropped` (DESIGN.md).
+/// Failed attempts after which an event is `dropped` (SQL reads it through
+/// `meter._max_attempts()`).
 pub const MAX_ATTEMPTS: i32 = 7;
 
 /// Seconds to wait after the `attempts`-th failed attempt. `attempts < 1`

@@ -10,14 +10,18 @@
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
-#[derive(Debug, PartialEq)]
-pub struct DriftError(pub String);
+use crate::sqlstate::{self, Violation};
 
 type Counts = BTreeMap<String, BTreeMap<String, i64>>;
 const ALL: &str = "*";
 
-fn counts(side: &str, v: &Value) -> Result<Counts, DriftError> {
-    let err = |m: String| Err(DriftError(format!("{side}: {m}")));
+fn counts(side: &str, v: &Value) -> Result<Counts, Violation> {
+    let err = |m: String| {
+        Err(Violation::new(
+            sqlstate::DRIFT_INPUT,
+            format!("compute_drift: {side}: {m}"),
+        ))
+    };
     let Some(obj) = v.as_object() else {
         return err("must be an object of customer -> count".into());
     };
@@ -52,7 +56,7 @@ fn total(c: &BTreeMap<String, i64>) -> i64 {
 
 /// Totals, per-customer deltas (only where they differ; with per-name detail
 /// when both sides gave names), `drift` and `drift_ratio`.
-pub fn compute(local: &Value, remote: &Value) -> Result<Value, DriftError> {
+pub fn compute(local: &Value, remote: &Value) -> Result<Value, Violation> {
     let local = counts("local", local)?;
     let remote = counts("remote", remote)?;
     let empty = BTreeMap::new();

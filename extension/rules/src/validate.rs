@@ -1,10 +1,10 @@
 //! What an event must satisfy to be accepted. These are Polar's ingest rules
-//! (shared/polar/POLAR-API.md §1), tightened where Polar's own docs promise
-//! more than its code checks, so that no accepted event can later poison an
-//! all-or-nothing batch at Polar.
+//! (docs/polar.md, "What Polar accepts"), tightened where Polar's own docs
+//! promise more than its code checks, so that no accepted event can later
+//! poison an all-or-nothing batch at Polar.
 
 use crate::sqlstate::{self, Violation};
-use chrono::{DateTime, FixedOffset};
+use chrono::DateTime;
 use serde_json::Value;
 
 pub const EVENT_NAME_MAX: usize = 128;
@@ -59,10 +59,14 @@ pub fn event_name(name: &str) -> Result<(), Violation> {
     Ok(())
 }
 
-/// Parses an RFC 3339 timestamp that carries its own offset (`Z` or `±hh:mm`).
-/// A naive time would be read in some session's zone and billed at the wrong
-/// instant, so it is refused rather than guessed.
-pub fn event_timestamp_text(text: &str) -> Result<DateTime<FixedOffset>, Violation> {
+/// Parses an RFC 3339 timestamp that carries its own offset (`Z` or any
+/// `±hh:mm` RFC 3339 allows, up to ±23:59; PostgreSQL's own parser stops at
+/// ±15:59, so the text never reaches it) and returns microseconds since the
+/// Unix epoch, rounded half up to PostgreSQL's microsecond. A leap second
+/// (`23:59:60`) is the next minute's first instant, as in PostgreSQL. A naive
+/// time would be read in some session's zone and billed at the wrong instant,
+/// so it is refused rather than guessed.
+pub fn event_timestamp_text(text: &str) -> Result<i64, Violation> {
     let ts = DateTime::parse_from_rfc3339(text).map_err(|_| {
         Violation::new(
             sqlstate::EVENT_TIMESTAMP,
@@ -72,8 +76,10 @@ pub fn event_timestamp_text(text: &str) -> Result<DateTime<FixedOffset>, Violati
             ),
         )
     })?;
-    event_timestamp_bounds(ts.timestamp_micros(), i64::MIN, i64::MAX)?;
-    Ok(ts)
+    // Seconds of year 1..9999 times 1e6 fit an i64 many times over.
+    let micros = ts.timestamp() * 1_000_000 + (i64::from(ts.timestamp_subsec_nanos()) + 500) / 1000;
+    event_timestamp_bounds(micros, i64::MIN, i64::MAX)?;
+    Ok(micros)
 }
 
 /// Bounds on the instant (an `i64::MAX` skew checks only the lower bound), given in microseconds since the Unix epoch: not
@@ -158,6 +164,98 @@ pub fn metadata(value: &Value) -> Result<(), Violation> {
     Ok(())
 }
 
+/// What Polar accepts as a team customer (its `CustomerTeamCreate`): a name of
+/// at most 256 characters, and an email, or else an owner with an email. The
+/// id becomes the customer's `external_id`, and travels in URL paths.
+pub struct Organization<'a> {
+    pub id: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub email: Option<&'a str>,
+    pub owner_email: Option<&'a str>,
+    pub owner_name: Option<&'a str>,
+    pub owner_external_id: Option<&'a str>,
+}
+
+pub const ORG_ID_MAX: usize = 255;
+pub const ORG_NAME_MAX: usize = 256;
+
+pub fn organization(o: &Organization) -> Result<(), Violation> {
+    let bad = |m: String| Err(Violation::new(sqlstate::ORG_INVALID, m));
+    let id = o.id.unwrap_or("");
+    if id.is_empty() || id.chars().count() > ORG_ID_MAX || id.chars().any(char::is_control) {
+        return bad(format!(
+            "id must be 1 to {ORG_ID_MAX} characters without control characters"
+        ));
+    }
+    if id.trim() != id {
+        return bad("id must not start or end with white space".into());
+    }
+    for (field, v) in [("name", o.name), ("owner_name", o.owner_name)] {
+        if let Some(v) = v {
+            let n = v.trim().chars().count();
+            if n == 0 || v.chars().count() > ORG_NAME_MAX || v.chars().any(char::is_control) {
+                return bad(format!(
+                    "{field} must be 1 to {ORG_NAME_MAX} characters, not blank, without control characters"
+                ));
+            }
+        }
+    }
+    if o.name.is_none() {
+        return bad("name is required".into());
+    }
+    if let Some(e) = o.email {
+        email("email", e)?;
+    }
+    if let Some(e) = o.owner_email {
+        email("owner_email", e)?;
+    }
+    if o.owner_email.is_none() && (o.owner_name.is_some() || o.owner_external_id.is_some()) {
+        return bad("an owner needs owner_email".into());
+    }
+    if let Some(x) = o.owner_external_id {
+        if x.is_empty() || x.chars().any(char::is_control) {
+            return bad("owner_external_id must be non-empty, without control characters".into());
+        }
+    }
+    if o.email.is_none() && o.owner_email.is_none() {
+        return bad(
+            "a team customer needs an email, or an owner with an email (Polar: \"owner is required when email is not set\")"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// An address Polar's email check could accept: one `@`, a local part of 1
+/// to 64 characters and a dotted domain, no white space, at most 254 in all.
+/// (Polar also checks that the domain can receive mail; that needs DNS.)
+pub fn email(field: &str, v: &str) -> Result<(), Violation> {
+    let bad = || {
+        Err(Violation::new(
+            sqlstate::ORG_INVALID,
+            format!("{field} must be an email address like billing@example.org"),
+        ))
+    };
+    if v.len() > 254 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad();
+    }
+    let Some((local, domain)) = v.split_once('@') else {
+        return bad();
+    };
+    let labels: Vec<&str> = domain.split('.').collect();
+    if local.is_empty()
+        || local.len() > 64
+        || domain.contains('@')
+        || labels.len() < 2
+        || labels
+            .iter()
+            .any(|l| l.is_empty() || l.starts_with('-') || l.ends_with('-'))
+    {
+        return bad();
+    }
+    Ok(())
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -220,7 +318,10 @@ mod tests {
 
     #[test]
     fn timestamps_need_a_zone() {
-        assert!(event_timestamp_text("2026-01-31T12:00:00Z").is_ok());
+        assert_eq!(
+            event_timestamp_text("2026-01-31T12:00:00Z"),
+            Ok(1_769_860_800_000_000)
+        );
         assert!(event_timestamp_text("2026-01-31T12:00:00.123456+02:00").is_ok());
         for bad in [
             "2026-01-31T12:00:00",
@@ -238,6 +339,75 @@ mod tests {
             assert_eq!(v.sqlstate, sqlstate::EVENT_TIMESTAMP, "{bad:?}");
             assert!(v.message.contains("event_timestamp"));
         }
+    }
+
+    #[test]
+    fn any_rfc3339_offset_leap_seconds_and_long_fractions_normalise() {
+        let base = 1_769_860_800_000_000; // 2026-01-31T12:00:00Z
+        let h = 3_600_000_000;
+        assert_eq!(event_timestamp_text("2026-01-31T12:00:00+16:00"), Ok(base - 16 * h));
+        assert_eq!(event_timestamp_text("2026-01-31T12:00:00-23:59"), Ok(base + 24 * h - 60_000_000));
+        assert_eq!(
+            event_timestamp_text("2026-01-31T12:00:00+23:59"),
+            Ok(base - 24 * h + 60_000_000)
+        );
+        assert_eq!(
+            event_timestamp_text("2026-01-31T11:59:60Z"),
+            Ok(base),
+            "a leap second is the next minute's start"
+        );
+        assert_eq!(
+            event_timestamp_text("2026-01-31T12:00:00.123456789012Z"),
+            Ok(base + 123_457),
+            "rounded half up to the microsecond"
+        );
+        assert_eq!(event_timestamp_text("2026-01-31T12:00:00.0000004Z"), Ok(base));
+        assert_eq!(
+            event_timestamp_text("9999-12-31T23:59:59.999999999Z"),
+            Ok(253_402_300_800_000_000)
+        );
+        assert_eq!(
+            code(event_timestamp_text("0001-01-01T00:00:00Z")),
+            sqlstate::EVENT_TIMESTAMP
+        );
+        assert_eq!(
+            code(event_timestamp_text("2026-01-31T12:00:00+24:00")),
+            sqlstate::EVENT_TIMESTAMP
+        );
+    }
+
+    #[test]
+    fn organizations_follow_polars_team_customer_rule() {
+        let org = |email: Option<&'static str>, owner: Option<&'static str>| Organization {
+            id: Some("acme"),
+            name: Some("Acme"),
+            email,
+            owner_email: owner,
+            owner_name: None,
+            owner_external_id: None,
+        };
+        assert!(organization(&org(Some("billing@acme.io"), None)).is_ok());
+        assert!(organization(&org(None, Some("ceo@acme.io"))).is_ok());
+        let v = organization(&org(None, None)).unwrap_err();
+        assert_eq!(v.sqlstate, sqlstate::ORG_INVALID);
+        assert!(v.message.contains("owner"), "{}", v.message);
+        for bad in ["x", "a@b", "@b.c", "a b@c.d", "a@b..c", "a@-b.c", "a@b.c@d.e"] {
+            let v = organization(&org(Some(bad), None)).unwrap_err();
+            assert!(v.message.starts_with("email"), "{bad}: {}", v.message);
+        }
+        let mut o = org(Some("a@b.co"), None);
+        o.name = Some("  ");
+        assert!(organization(&o).unwrap_err().message.contains("name"));
+        o.name = None;
+        assert!(organization(&o).unwrap_err().message.contains("name is required"));
+        let mut o = org(Some("a@b.co"), None);
+        o.id = Some("");
+        assert!(organization(&o).unwrap_err().message.starts_with("id"));
+        o.id = Some(" acme");
+        assert!(organization(&o).is_err());
+        let mut o = org(Some("a@b.co"), None);
+        o.owner_name = Some("Jo");
+        assert!(organization(&o).unwrap_err().message.contains("owner_email"));
     }
 
     #[test]

@@ -159,7 +159,7 @@ fn timestamps_never_panic_and_accepted_ones_carry_a_zone() {
                 lower.ends_with('z') || s.rfind(['+', '-']).is_some_and(|i| i > 10),
                 "accepted without a zone: {s:?}"
             );
-            assert!(t.timestamp() >= 0, "before 1970 accepted: {s:?}");
+            assert!(t >= 0, "before 1970 accepted: {s:?}");
         }
     }
 }

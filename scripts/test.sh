@@ -25,6 +25,11 @@ if [ -z "${PM_ONLY:-}" ]; then
 step "format"
 cargo fmt --all --check
 
+step "released SQL is frozen (sql/released.sha256)"
+# An upgrade script or install script that shipped in a release must never
+# change: databases out there ran exactly those bytes. Add a line when releasing.
+sha256sum --check --strict sql/released.sha256
+
 step "clippy"
 cargo clippy -p polar_meter_rules -p polar-meterd -p polar-emulator -p pm-e2e --all-targets -- -D warnings
 cargo clippy -p polar_meter -- -D warnings
@@ -57,9 +62,17 @@ fi
 
 step "install the extension"
 cargo pgrx install -p polar_meter --pg-config "$PG_CONFIG" 2>&1 | tail -n 1
-# The previous release's frozen install script, so sql_upgrade can create
-# the extension at that version and ALTER EXTENSION ... UPDATE it.
-install -m 644 tests/upgrade/polar_meter--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
+SHARE=$("$PG_CONFIG" --sharedir)/extension
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+# Released install scripts, frozen, so sql_upgrade can create the extension
+# at those versions and ALTER EXTENSION ... UPDATE them.
+install -m 644 tests/upgrade/polar_meter--*.sql "$SHARE/"
+# The upgrade script into this version is generated (scripts/upgrade-script.py)
+# until the version is released; then it is frozen like the others.
+if ! grep -q "polar_meter--[0-9.]*--$VERSION.sql" sql/released.sha256; then
+    PREV=$(ls sql/polar_meter--*--"$VERSION".sql | sed -n 's/.*polar_meter--\(.*\)--.*/\1/p')
+    scripts/upgrade-script.py "$PREV" "$VERSION" "$SHARE/polar_meter--$VERSION.sql" --check
+fi
 
 step "throwaway cluster on 127.0.0.1:$PM_PG_PORT"
 scripts/cluster.sh destroy test

@@ -20,7 +20,9 @@ REVOKE ALL ON SCHEMA meter FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA meter FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA meter FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA meter FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA meter FROM polar_meter_sidecar;
+-- Both roles lose everything first, so that a re-run (an upgrade) grants in
+-- the same order as a fresh install: equal ACLs, not just equivalent ones.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA meter FROM polar_meter_sidecar, polar_meter_admin;
 
 GRANT USAGE ON SCHEMA meter TO polar_meter_sidecar, polar_meter_admin;
 
@@ -42,6 +44,7 @@ GRANT EXECUTE ON FUNCTION
     meter.delivery_sent(text, uuid, uuid[]),
     meter.delivery_deferred(text, uuid, uuid[], interval),
     meter.delivery_failed(text, uuid, uuid[], text),
+    meter.delivery_unconfirmed(text, uuid, uuid[], text),
     meter.delivery_rejected(text, uuid, uuid[], text),
     meter.delivery_too_early(text, uuid, uuid[], text),
     meter.take_polar_slot(int),

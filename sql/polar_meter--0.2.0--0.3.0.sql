@@ -815,8 +815,11 @@ DECLARE
     b meter.audit_break;
     org text;
 BEGIN
+    -- A break always names its problem; its id may be NULL (a head that
+    -- lost its rows), so test the problem, not the row (a row with one NULL
+    -- field is not IS NOT NULL).
     b := meter._verify_legacy_chain();
-    IF b IS NOT NULL THEN
+    IF b.problem IS NOT NULL THEN
         RETURN b;
     END IF;
     -- Every organization with sealed rows or a head, so a head whose rows all vanished is caught too.
@@ -824,7 +827,7 @@ BEGIN
                    SELECT a.organization_id AS o FROM meter.audit_log a WHERE a.seq IS NOT NULL
                    UNION SELECT c.organization_id FROM meter.audit_chain c) x ORDER BY 1 LOOP
         b := meter.verify_audit_chain(org);
-        IF b IS NOT NULL THEN
+        IF b.problem IS NOT NULL THEN
             RETURN b;
         END IF;
     END LOOP;
@@ -1180,7 +1183,7 @@ $$;
 COMMENT ON FUNCTION meter.backfill_polar_customers() IS
   'Makes every organization without a Polar customer (or with changes Polar has not heard of) due now (also `polar-meterd backfill`). Returns how many.';
 
--- extension/src/lib.rs:50
+-- extension/src/lib.rs:54
 -- requires:
 --   organizations
 
@@ -1479,7 +1482,7 @@ AS $$ SELECT '0.3.0'::text $$;
 COMMENT ON FUNCTION meter.oldest_supported_sidecar() IS
   'The oldest polar-meterd whose SQL calls this extension version still serves. A sidecar older than its own minimum reports not ready; a newer extension that still serves it keeps it in rotation (rolling upgrades: extension first, then sidecars).';
 
--- extension/src/lib.rs:51
+-- extension/src/lib.rs:55
 -- requires:
 --   keys
 
@@ -1691,7 +1694,7 @@ $$;
 COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, text, jsonb) IS
   'record_event_for_org with the timestamp as RFC 3339 text with a timezone (PM011 otherwise).';
 
--- extension/src/lib.rs:52
+-- extension/src/lib.rs:56
 -- requires:
 --   events
 
@@ -1885,7 +1888,8 @@ $$;
 COMMENT ON FUNCTION meter._dead_letters(text, text, uuid[], text, jsonb) IS
   'Internal: records events that stopped being delivered (kind dropped or rejected): an audit row event.<kind> each and one event_<kind> alert.';
 
-CREATE OR REPLACE FUNCTION meter.delivery_failed(org_id text, batch_id uuid, event_ids uuid[], error text) RETURNS int
+CREATE OR REPLACE FUNCTION meter.delivery_failed(org_id text, batch_id uuid, event_ids uuid[], error text,
+                                      OUT failed int, OUT dropped int)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
@@ -1907,8 +1911,10 @@ BEGIN
     FROM meter.meter_event e
     WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_failed.batch_id
       AND e.polar_status = 'in_flight';
+    failed := 0;
+    dropped := 0;
     IF v_ids IS NULL THEN
-        RETURN 0;
+        RETURN;
     END IF;
     -- next_attempt_at = last_attempt_at + backoff_delay(attempts), each with
     -- its own jitter, computed here: an UPDATE computes nothing from columns.
@@ -1921,7 +1927,7 @@ BEGIN
             v_next := v_next || (v_last[i] + meter.backoff_delay(v_attempts[i]));
         END IF;
     END LOOP;
-    WITH failed AS (
+    WITH upd AS (
         UPDATE meter.meter_event e
         SET attempts = u.attempts, last_error = left(error, 1000), polar_status = u.status, next_attempt_at = u.next,
             batch_id = NULL, lease_expires_at = NULL
@@ -1930,16 +1936,35 @@ BEGIN
           AND e.batch_id = delivery_failed.batch_id AND e.polar_status = 'in_flight'
         RETURNING e.id, e.polar_status
     )
-    SELECT count(*), array_agg(f.id) FILTER (WHERE f.polar_status = 'dropped') INTO n, v_dropped FROM failed f;
+    SELECT count(*), array_agg(f.id) FILTER (WHERE f.polar_status = 'dropped') INTO failed, v_dropped FROM upd f;
     IF v_dropped IS NOT NULL THEN
+        dropped := cardinality(v_dropped);
         PERFORM meter._dead_letters('dropped', org_id, v_dropped, error,
             jsonb_build_object('attempts', v_max, 'action', 'fix the cause, then SELECT meter.requeue_dropped()'));
     END IF;
-    RETURN n;
 END
 $$;
 COMMENT ON FUNCTION meter.delivery_failed(text, uuid, uuid[], text) IS
-  'A per-event failure (a 5xx or timeout on this batch while Polar is otherwise healthy): attempts + 1 and next_attempt_at = last_attempt_at + backoff_delay(attempts). The 7th failure makes an event dropped, with an audit row, an event_dropped alert and a server warning; the row is kept for requeue_dropped.';
+  'A per-event failure (a 5xx or timeout on this batch while Polar is otherwise healthy): attempts + 1 and next_attempt_at = last_attempt_at + backoff_delay(attempts). The 7th failure makes an event dropped, with an audit row, an event_dropped alert and a server warning; the row is kept for requeue_dropped. Returns (failed, dropped): events still held by the batch, and how many of them were dropped.';
+
+CREATE OR REPLACE FUNCTION meter.delivery_unconfirmed(org_id text, batch_id uuid, event_ids uuid[], detail text,
+                                           OUT failed int, OUT dropped int)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- Polar answered 200, but its counts do not cover the batch: nothing is
+    -- taken as delivered. A resend is safe (external_id dedup), and someone
+    -- should look: an answer that does not add up is not Polar as we know it.
+    SELECT f.failed, f.dropped INTO failed, dropped
+    FROM meter.delivery_failed(org_id, batch_id, event_ids, 'Polar''s answer does not add up: ' || detail) f;
+    PERFORM meter._alert('delivery_unconfirmed', org_id,
+        jsonb_build_object('events', cardinality(event_ids), 'detail', left(detail, 500)), batch_id::text);
+END
+$$;
+COMMENT ON FUNCTION meter.delivery_unconfirmed(text, uuid, uuid[], text) IS
+  'Polar answered 200 to an ingest whose inserted + duplicates is not the batch size: nothing is marked sent, the events count a failed attempt (as delivery_failed) and delivery_unconfirmed is raised. Returns (failed, dropped).';
 
 CREATE OR REPLACE FUNCTION meter.delivery_rejected(org_id text, batch_id uuid, event_ids uuid[], error text) RETURNS int
 LANGUAGE plpgsql
@@ -2111,7 +2136,7 @@ $$;
 COMMENT ON FUNCTION meter.drain_meter_outbox() IS
   'The pg_cron safety net (every 5 minutes): wakes the sidecars (NOTIFY meter_outbox), which claim and deliver, and runs check_delivery_health. Returns outbox_stats plus alerts_raised. Since 0.3 it claims nothing itself: only sidecars claim (claim_events).';
 
--- extension/src/lib.rs:53
+-- extension/src/lib.rs:57
 -- requires:
 --   outbox
 
@@ -2135,7 +2160,7 @@ $$;
 COMMENT ON FUNCTION meter.compute_drift(jsonb, jsonb) IS
   'Drift between local and remote counts. Each side: {customer: count} or {customer: {event_name: count}}. Returns {local_total, remote_total, drift, drift_ratio, customers:[{customer, local, remote, delta, drift[, event_names]}]} listing only customers that differ. delta = remote - local; drift = sum of |delta| (per event name when both sides give names); drift_ratio = drift / local_total, or 0 (no drift) / 1 (any drift) when local_total is 0. PM063 on malformed input.';
 
--- extension/src/lib.rs:54
+-- extension/src/lib.rs:58
 -- requires:
 --   drift
 
@@ -2656,7 +2681,7 @@ $$;
 COMMENT ON FUNCTION meter.reconcile_failed(bigint, text) IS
   'A run could not finish (Polar or the network failed): it is retried after backoff_delay(tries) and resumes where it stopped; after setting reconcile_max_tries (5) it becomes failed and raises reconcile_failing. Returns the new status.';
 
--- extension/src/lib.rs:55
+-- extension/src/lib.rs:59
 -- requires:
 --   reconcile
 
@@ -2799,15 +2824,16 @@ BEGIN
         'waiting_for_customer', v_waiting,
         'alerts_pending', (SELECT count(*) FROM meter.alert a WHERE a.status = 'pending'),
         'alerts_failed', (SELECT count(*) FROM meter.alert a WHERE a.status = 'failed'),
+        'alerts_total', (SELECT count(*) FROM meter.alert a),
         'audit_unsealed', (SELECT count(*) FROM meter.audit_log a WHERE a.row_hash IS NULL),
         'last_reconcile', v_run,
         'reconcile_failed', (SELECT count(*) FROM meter.reconcile_run x WHERE x.status = 'failed'));
 END
 $$;
 COMMENT ON FUNCTION meter.outbox_stats() IS
-  'What an operator pages on, as JSON: events by delivery status (pending, in_flight, failed, dropped, rejected), the age of the oldest due event of an organization with a customer, events waiting for their customer, pending and failed alerts, unsealed audit rows, the last finished reconcile run (age, drift) and failed runs. Reads partial indexes only; polar-meterd''s /metrics reads it on a timer.';
+  'What an operator pages on, as JSON: events by delivery status (pending, in_flight, failed, dropped, rejected), the age of the oldest due event of an organization with a customer, events waiting for their customer, pending, failed and all alerts, unsealed audit rows, the last finished reconcile run (age, drift) and failed runs. Reads partial indexes only; polar-meterd''s /metrics reads it on a timer.';
 
--- extension/src/lib.rs:56
+-- extension/src/lib.rs:60
 -- requires:
 --   health
 
@@ -2909,7 +2935,7 @@ $$;
 COMMENT ON FUNCTION meter.unschedule_jobs() IS
   'Removes the polar_meter jobs from pg_cron; run it before DROP EXTENSION polar_meter. Returns how many were removed.';
 
--- extension/src/lib.rs:57
+-- extension/src/lib.rs:61
 -- finalize
 -- Least privilege (loaded last, pgrx `finalize`; an upgrade script re-runs it).
 --
@@ -2933,7 +2959,9 @@ REVOKE ALL ON SCHEMA meter FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA meter FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA meter FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA meter FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA meter FROM polar_meter_sidecar;
+-- Both roles lose everything first, so that a re-run (an upgrade) grants in
+-- the same order as a fresh install: equal ACLs, not just equivalent ones.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA meter FROM polar_meter_sidecar, polar_meter_admin;
 
 GRANT USAGE ON SCHEMA meter TO polar_meter_sidecar, polar_meter_admin;
 
@@ -2955,6 +2983,7 @@ GRANT EXECUTE ON FUNCTION
     meter.delivery_sent(text, uuid, uuid[]),
     meter.delivery_deferred(text, uuid, uuid[], interval),
     meter.delivery_failed(text, uuid, uuid[], text),
+    meter.delivery_unconfirmed(text, uuid, uuid[], text),
     meter.delivery_rejected(text, uuid, uuid[], text),
     meter.delivery_too_early(text, uuid, uuid[], text),
     meter.take_polar_slot(int),

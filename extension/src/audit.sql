@@ -208,8 +208,11 @@ DECLARE
     b meter.audit_break;
     org text;
 BEGIN
+    -- A break always names its problem; its id may be NULL (a head that
+    -- lost its rows), so test the problem, not the row (a row with one NULL
+    -- field is not IS NOT NULL).
     b := meter._verify_legacy_chain();
-    IF b IS NOT NULL THEN
+    IF b.problem IS NOT NULL THEN
         RETURN b;
     END IF;
     -- Every organization with sealed rows or a head, so a head whose rows all vanished is caught too.
@@ -217,7 +220,7 @@ BEGIN
                    SELECT a.organization_id AS o FROM meter.audit_log a WHERE a.seq IS NOT NULL
                    UNION SELECT c.organization_id FROM meter.audit_chain c) x ORDER BY 1 LOOP
         b := meter.verify_audit_chain(org);
-        IF b IS NOT NULL THEN
+        IF b.problem IS NOT NULL THEN
             RETURN b;
         END IF;
     END LOOP;

@@ -68,7 +68,9 @@ fn _compute_drift(local: JsonB, remote: JsonB) -> JsonB {
     JsonB(
         match polar_meter_rules::drift::compute(&local.0, &remote.0) {
             Ok(v) => serde_json::json!({ "ok": v }),
-            Err(e) => serde_json::json!({ "error": e.message.trim_start_matches("compute_drift: ") }),
+            Err(e) => {
+                serde_json::json!({ "error": e.message.trim_start_matches("compute_drift: ") })
+            }
         },
     )
 }

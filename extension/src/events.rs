@@ -42,9 +42,9 @@ fn _check_events(
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            let ts = c.timestamp_us.and_then(|us| {
-                TimestampWithTimeZone::try_from(us - PG_EPOCH_UNIX_US).ok()
-            });
+            let ts = c
+                .timestamp_us
+                .and_then(|us| TimestampWithTimeZone::try_from(us - PG_EPOCH_UNIX_US).ok());
             let (code, message) = match c.violation {
                 Some(v) => (Some(v.sqlstate.to_string()), Some(v.message)),
                 None => (None, None),

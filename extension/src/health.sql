@@ -137,10 +137,11 @@ BEGIN
         'waiting_for_customer', v_waiting,
         'alerts_pending', (SELECT count(*) FROM meter.alert a WHERE a.status = 'pending'),
         'alerts_failed', (SELECT count(*) FROM meter.alert a WHERE a.status = 'failed'),
+        'alerts_total', (SELECT count(*) FROM meter.alert a),
         'audit_unsealed', (SELECT count(*) FROM meter.audit_log a WHERE a.row_hash IS NULL),
         'last_reconcile', v_run,
         'reconcile_failed', (SELECT count(*) FROM meter.reconcile_run x WHERE x.status = 'failed'));
 END
 $$;
 COMMENT ON FUNCTION meter.outbox_stats() IS
-  'What an operator pages on, as JSON: events by delivery status (pending, in_flight, failed, dropped, rejected), the age of the oldest due event of an organization with a customer, events waiting for their customer, pending and failed alerts, unsealed audit rows, the last finished reconcile run (age, drift) and failed runs. Reads partial indexes only; polar-meterd''s /metrics reads it on a timer.';
+  'What an operator pages on, as JSON: events by delivery status (pending, in_flight, failed, dropped, rejected), the age of the oldest due event of an organization with a customer, events waiting for their customer, pending, failed and all alerts, unsealed audit rows, the last finished reconcile run (age, drift) and failed runs. Reads partial indexes only; polar-meterd''s /metrics reads it on a timer.';

@@ -46,7 +46,11 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!("settings.sql", name = "settings", requires = ["errors"]);
 pgrx::extension_sql_file!("audit.sql", name = "audit", requires = ["settings"]);
 pgrx::extension_sql_file!("alerts.sql", name = "alerts", requires = ["audit"]);
-pgrx::extension_sql_file!("organizations.sql", name = "organizations", requires = ["alerts"]);
+pgrx::extension_sql_file!(
+    "organizations.sql",
+    name = "organizations",
+    requires = ["alerts"]
+);
 pgrx::extension_sql_file!("keys.sql", name = "keys", requires = ["organizations"]);
 pgrx::extension_sql_file!("events.sql", name = "events", requires = ["keys"]);
 pgrx::extension_sql_file!("outbox.sql", name = "outbox", requires = ["events"]);

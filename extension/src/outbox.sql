@@ -188,7 +188,8 @@ $$;
 COMMENT ON FUNCTION meter._dead_letters(text, text, uuid[], text, jsonb) IS
   'Internal: records events that stopped being delivered (kind dropped or rejected): an audit row event.<kind> each and one event_<kind> alert.';
 
-CREATE FUNCTION meter.delivery_failed(org_id text, batch_id uuid, event_ids uuid[], error text) RETURNS int
+CREATE FUNCTION meter.delivery_failed(org_id text, batch_id uuid, event_ids uuid[], error text,
+                                      OUT failed int, OUT dropped int)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
@@ -210,8 +211,10 @@ BEGIN
     FROM meter.meter_event e
     WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_failed.batch_id
       AND e.polar_status = 'in_flight';
+    failed := 0;
+    dropped := 0;
     IF v_ids IS NULL THEN
-        RETURN 0;
+        RETURN;
     END IF;
     -- next_attempt_at = last_attempt_at + backoff_delay(attempts), each with
     -- its own jitter, computed here: an UPDATE computes nothing from columns.
@@ -224,7 +227,7 @@ BEGIN
             v_next := v_next || (v_last[i] + meter.backoff_delay(v_attempts[i]));
         END IF;
     END LOOP;
-    WITH failed AS (
+    WITH upd AS (
         UPDATE meter.meter_event e
         SET attempts = u.attempts, last_error = left(error, 1000), polar_status = u.status, next_attempt_at = u.next,
             batch_id = NULL, lease_expires_at = NULL
@@ -233,16 +236,35 @@ BEGIN
           AND e.batch_id = delivery_failed.batch_id AND e.polar_status = 'in_flight'
         RETURNING e.id, e.polar_status
     )
-    SELECT count(*), array_agg(f.id) FILTER (WHERE f.polar_status = 'dropped') INTO n, v_dropped FROM failed f;
+    SELECT count(*), array_agg(f.id) FILTER (WHERE f.polar_status = 'dropped') INTO failed, v_dropped FROM upd f;
     IF v_dropped IS NOT NULL THEN
+        dropped := cardinality(v_dropped);
         PERFORM meter._dead_letters('dropped', org_id, v_dropped, error,
             jsonb_build_object('attempts', v_max, 'action', 'fix the cause, then SELECT meter.requeue_dropped()'));
     END IF;
-    RETURN n;
 END
 $$;
 COMMENT ON FUNCTION meter.delivery_failed(text, uuid, uuid[], text) IS
-  'A per-event failure (a 5xx or timeout on this batch while Polar is otherwise healthy): attempts + 1 and next_attempt_at = last_attempt_at + backoff_delay(attempts). The 7th failure makes an event dropped, with an audit row, an event_dropped alert and a server warning; the row is kept for requeue_dropped.';
+  'A per-event failure (a 5xx or timeout on this batch while Polar is otherwise healthy): attempts + 1 and next_attempt_at = last_attempt_at + backoff_delay(attempts). The 7th failure makes an event dropped, with an audit row, an event_dropped alert and a server warning; the row is kept for requeue_dropped. Returns (failed, dropped): events still held by the batch, and how many of them were dropped.';
+
+CREATE FUNCTION meter.delivery_unconfirmed(org_id text, batch_id uuid, event_ids uuid[], detail text,
+                                           OUT failed int, OUT dropped int)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- Polar answered 200, but its counts do not cover the batch: nothing is
+    -- taken as delivered. A resend is safe (external_id dedup), and someone
+    -- should look: an answer that does not add up is not Polar as we know it.
+    SELECT f.failed, f.dropped INTO failed, dropped
+    FROM meter.delivery_failed(org_id, batch_id, event_ids, 'Polar''s answer does not add up: ' || detail) f;
+    PERFORM meter._alert('delivery_unconfirmed', org_id,
+        jsonb_build_object('events', cardinality(event_ids), 'detail', left(detail, 500)), batch_id::text);
+END
+$$;
+COMMENT ON FUNCTION meter.delivery_unconfirmed(text, uuid, uuid[], text) IS
+  'Polar answered 200 to an ingest whose inserted + duplicates is not the batch size: nothing is marked sent, the events count a failed attempt (as delivery_failed) and delivery_unconfirmed is raised. Returns (failed, dropped).';
 
 CREATE FUNCTION meter.delivery_rejected(org_id text, batch_id uuid, event_ids uuid[], error text) RETURNS int
 LANGUAGE plpgsql

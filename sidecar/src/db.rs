@@ -1,43 +1,145 @@
-//! The connection pool and how database failures are classified: a client
-//! mistake (a SQLSTATE the extension raised), or the database being away.
+//! Connections to PostgreSQL: the two pools (HTTP requests under a statement
+//! timeout; background work, whose calls can be long, without one), the
+//! LISTEN connection, TLS as libpq's sslmode means it, and how failures are
+//! classified: a client mistake (a SQLSTATE), or the database being away.
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_postgres::config::SslMode;
 
-pub fn pool(database_url: &str, size: usize) -> Result<Pool, String> {
-    let mut pg =
-        tokio_postgres::Config::from_str(database_url).map_err(|e| format!("DATABASE_URL: {e}"))?;
-    pg.application_name("polar-meterd");
-    if pg.get_connect_timeout().is_none() {
-        pg.connect_timeout(Duration::from_secs(3));
+pub use crate::db_tls::SslSettings;
+
+/// Where and how to connect: tokio-postgres's config plus the TLS settings
+/// its own parser does not know (verify-ca, verify-full, sslrootcert).
+#[derive(Clone)]
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: tokio_postgres_rustls::MakeRustlsConnect,
+    pub ssl: SslSettings,
+}
+
+impl Target {
+    pub fn parse(database_url: &str) -> Result<Self, String> {
+        let (rest, ssl) = crate::db_tls::split_ssl_params(database_url)?;
+        let mut config =
+            tokio_postgres::Config::from_str(&rest).map_err(|e| format!("DATABASE_URL: {e}"))?;
+        config.application_name("polar-meterd");
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(3));
+        }
+        config.ssl_mode(match ssl.mode {
+            crate::db_tls::Mode::Disable => SslMode::Disable,
+            crate::db_tls::Mode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(ssl.client_config()?);
+        Ok(Target { config, tls, ssl })
     }
-    let mgr = Manager::from_config(
-        pg,
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(mgr)
-        .max_size(size)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(5)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .recycle_timeout(Some(Duration::from_secs(5)))
-        .build()
-        .map_err(|e| format!("database pool: {e}"))
+
+    /// The same target with `-c name=value` added to the session's options.
+    pub fn with_setting(&self, name: &str, value: &str) -> Self {
+        let mut t = self.clone();
+        let opt = format!("-c {name}={value}");
+        let all = match self.config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {opt}"),
+            _ => opt,
+        };
+        t.config.options(&all);
+        t
+    }
+
+    pub fn pool(&self, size: usize, wait: Duration) -> Result<Pool, String> {
+        let mgr = Manager::from_config(
+            self.config.clone(),
+            self.tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        Pool::builder(mgr)
+            .max_size(size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(wait))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| format!("database pool: {e}"))
+    }
+
+    /// A connection of its own (the LISTEN session), and the connection
+    /// object the caller must drive (its notifications arrive through it).
+    pub async fn connect(
+        &self,
+    ) -> Result<
+        (
+            tokio_postgres::Client,
+            tokio_postgres::Connection<
+                tokio_postgres::Socket,
+                <tokio_postgres_rustls::MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+                    tokio_postgres::Socket,
+                >>::Stream,
+            >,
+        ),
+        tokio_postgres::Error,
+    > {
+        self.config.connect(self.tls.clone()).await
+    }
+}
+
+/// The request pool (statement timeout, bounded wait) and the background pool.
+#[derive(Clone)]
+pub struct Pools {
+    pub requests: Pool,
+    pub background: Pool,
+    pub target: Arc<Target>,
+}
+
+impl Pools {
+    pub fn new(
+        target: Target,
+        request_size: usize,
+        background_size: usize,
+        statement_timeout: Duration,
+        pool_wait: Duration,
+    ) -> Result<Self, String> {
+        let requests = target
+            .with_setting(
+                "statement_timeout",
+                &statement_timeout.as_millis().to_string(),
+            )
+            .pool(request_size, pool_wait)?;
+        // Long calls live here (a 1M-event reconcile_finish takes seconds);
+        // their bound is the lease the database holds, not a statement timeout.
+        let background = target.pool(background_size, Duration::from_secs(30))?;
+        Ok(Pools {
+            requests,
+            background,
+            target: Arc::new(target),
+        })
+    }
 }
 
 #[derive(Debug)]
 pub enum DbError {
     /// The database cannot serve now (down, restarting, out of connections,
-    /// a serialization failure): the client should retry.
+    /// a statement timeout, a serialization failure): the client should retry.
     Unavailable(String),
     /// A statement failed with this SQLSTATE; the message is the extension's
     /// own, which never contains secrets.
     Sql { code: String, message: String },
     /// Our own mistake (an unexpected row count or type): a 500, logged.
     Internal(String),
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbError::Sql { code, message } => write!(f, "{code}: {message}"),
+            DbError::Unavailable(m) => write!(f, "database unavailable: {m}"),
+            DbError::Internal(m) => write!(f, "{m}"),
+        }
+    }
 }
 
 impl DbError {
@@ -64,9 +166,11 @@ impl From<tokio_postgres::Error> for DbError {
             Some(db) => {
                 let code = db.code().code();
                 // 08: connection exception; 57P0x: shutdown/crash/starting;
-                // 53: out of resources; 40001/40P01: retryable conflicts.
+                // 57014: statement timeout; 53: out of resources;
+                // 40001/40P01: retryable conflicts.
                 if code.starts_with("08")
                     || code.starts_with("57P")
+                    || code == "57014"
                     || code.starts_with("53")
                     || code == "40001"
                     || code == "40P01"

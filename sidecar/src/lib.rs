@@ -1,25 +1,30 @@
 //! polar-meterd: a thin sidecar in front of the polar_meter extension.
-//! Every HTTP request is one SQL function call; every rule (validation, key
-//! checks, idempotency) lives in the extension, and this crate only maps its
-//! SQLSTATEs to HTTP.
+//! It serves the HTTP API (every request one SQL call; every rule lives in
+//! the extension, and this crate maps its SQLSTATEs to HTTP) and makes the
+//! Polar calls the database asks for (jobs/). docs/architecture.md follows
+//! one event through both.
 pub mod agent_config;
 pub mod config;
 pub mod db;
+pub mod db_tls;
 pub mod http;
+pub mod ingest;
+pub mod jobs;
 pub mod metrics;
 pub mod polar;
 pub mod problem;
 pub mod routes;
-pub mod worker;
 
-/// Version of this binary; /readyz requires the installed extension to match.
+/// Version of this binary.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The oldest polar_meter extension whose functions this binary calls
+/// (/readyz requires at least this).
+pub const MIN_EXTENSION: &str = "0.3.0";
 
 /// What `--version` prints: this binary, the polar_meter extension it needs,
 /// and the Polar API version it pins.
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    " (polar_meter extension ",
-    env!("CARGO_PKG_VERSION"),
-    ", Polar-Version 2026-04)"
+    " (polar_meter extension 0.3.0 or later, Polar-Version 2026-04)"
 );

@@ -1,8 +1,13 @@
 use clap::Parser;
 use polar_meterd::config::{Cli, Command, Config, LogFormat};
-use polar_meterd::routes::App;
+use polar_meterd::db::{Pools, Target};
+use polar_meterd::jobs::{self, Jobs, Settings};
+use polar_meterd::metrics::Metrics;
+use polar_meterd::polar::{Budget, Client, Health};
+use polar_meterd::routes::{App, Limits};
+use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// The daemon logs to stdout; one-shot commands log to stderr, so that their
@@ -25,6 +30,219 @@ fn init_tracing(format: LogFormat, to_stderr: bool) {
     }
 }
 
+/// Everything the jobs share, from the configuration.
+fn jobs(cfg: &Config, pools: &Pools, metrics: Arc<Metrics>) -> Result<Arc<Jobs>, String> {
+    let polar = match cfg.polar_token()? {
+        Some(token) => Some(Arc::new(Client::new(
+            cfg.polar_base_url(),
+            token,
+            Duration::from_secs(cfg.polar_timeout_secs),
+            metrics.clone(),
+        )?)),
+        None => None,
+    };
+    Ok(Arc::new(Jobs {
+        pool: pools.background.clone(),
+        target: pools.target.clone(),
+        polar,
+        budget: Budget::new(pools.background.clone(), cfg.polar_rate_limit()),
+        health: Arc::new(Health::default()),
+        metrics,
+        webhook: RwLock::new(cfg.webhook_url()?),
+        s: Settings {
+            batch_size: cfg.batch_size.clamp(1, 10_000),
+            lease: Duration::from_secs(cfg.lease_secs.max(cfg.polar_timeout_secs + 10)),
+            poll: Duration::from_secs(cfg.poll_secs.max(1)),
+            probe: Duration::from_secs(cfg.probe_secs.max(1)),
+            stats: Duration::from_secs(cfg.stats_secs.max(1)),
+        },
+        wake: Default::default(),
+    }))
+}
+
+fn pools(cfg: &Config, request_size: usize, background_size: usize) -> Result<Pools, String> {
+    Pools::new(
+        Target::parse(&cfg.database_url)?,
+        request_size,
+        background_size,
+        Duration::from_millis(cfg.statement_timeout_ms.max(1)),
+        Duration::from_millis(cfg.pool_wait_ms.max(1)),
+    )
+}
+
+/// Progress of a long one-shot command, on stderr when it is a terminal.
+struct Stderr;
+impl polar_meterd::jobs::reconcile::Progress for Stderr {
+    fn step(&self, what: &str) {
+        eprint!("\r\x1b[2K{what}");
+    }
+}
+
+async fn backfill(cfg: Config) -> Result<(), String> {
+    let pools = pools(&cfg, 1, 2)?;
+    let j = jobs(&cfg, &pools, Arc::default())?;
+    if j.polar.is_none() {
+        return Err("backfill needs POLAR_ACCESS_TOKEN".into());
+    }
+    let c = pools.background.get().await.map_err(|e| e.to_string())?;
+    let queued: i64 = c
+        .query_one("SELECT meter.backfill_polar_customers()", &[])
+        .await
+        .map_err(|e| polar_meterd::db::DbError::from(e).to_string())?
+        .get(0);
+    drop(c);
+    let terminal = std::io::stderr().is_terminal();
+    if terminal {
+        eprint!("backfill: {queued} organizations queued; creating customers…");
+    }
+    let done = polar_meterd::jobs::provision::provision_due(&j)
+        .await
+        .map_err(|e| e.to_string())?;
+    if terminal {
+        eprintln!("\r\x1b[2Kbackfill: {done} of {queued} provisioned");
+    }
+    tracing::info!(queued, provisioned = done, "backfill finished");
+    println!("backfill: {queued} organizations queued, {done} provisioned");
+    if let Some((cause, _)) = j.health.paused() {
+        return Err(format!("Polar is unavailable: {cause}"));
+    }
+    if (done as i64) < queued {
+        return Err(format!(
+            "{} organizations could not be provisioned yet (see the log; they are retried)",
+            queued - done as i64
+        ));
+    }
+    Ok(())
+}
+
+async fn reconcile(
+    cfg: Config,
+    window_end: Option<String>,
+    hours: u32,
+    full: bool,
+) -> Result<(), String> {
+    let pools = pools(&cfg, 1, 2)?;
+    let j = jobs(&cfg, &pools, Arc::default())?;
+    if j.polar.is_none() {
+        return Err("reconcile needs POLAR_ACCESS_TOKEN".into());
+    }
+    let end = match window_end {
+        None => None,
+        Some(s) => Some(
+            chrono::DateTime::parse_from_rfc3339(&s)
+                .map_err(|e| format!("--window-end: {e}"))?
+                .to_utc(),
+        ),
+    };
+    let length = format!("{hours} hours");
+    let mode = full.then_some("full");
+    let c = pools.background.get().await.map_err(|e| e.to_string())?;
+    let run: i64 = c
+        .query_one(
+            "SELECT meter.reconcile_meter_to_polar($1, $2::text::interval, $3)",
+            &[&end, &length, &mode],
+        )
+        .await
+        .map_err(|e| polar_meterd::db::DbError::from(e).to_string())?
+        .get(0);
+    drop(c);
+    let terminal = std::io::stderr().is_terminal();
+    let progress: &dyn polar_meterd::jobs::reconcile::Progress = if terminal {
+        &Stderr
+    } else {
+        &polar_meterd::jobs::reconcile::NoProgress
+    };
+    let result = polar_meterd::jobs::reconcile::reconcile_next(&j, Some(run), progress).await;
+    if terminal {
+        eprintln!();
+    }
+    let result = result
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| match j.health.paused() {
+            Some((cause, _)) => format!("Polar is unavailable: {cause}"),
+            None => "the run was taken by another process".into(),
+        })?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({"run_id": run, "result": result}))
+            .unwrap()
+    );
+    Ok(())
+}
+
+async fn serve(cfg: Config) -> Result<(), String> {
+    cfg.check()?;
+    let metrics = Arc::new(Metrics::default());
+    let pools = pools(&cfg, cfg.db_pool_size, cfg.worker_pool_size.max(2))?;
+    let j = jobs(&cfg, &pools, metrics.clone())?;
+    if j.polar.is_none() {
+        tracing::warn!(
+            "POLAR_ACCESS_TOKEN is not set: events are recorded but not delivered to Polar"
+        );
+    }
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => Some(polar_meterd::http::tls::Reloadable::new(
+            c.clone(),
+            k.clone(),
+        )?),
+        _ => None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = jobs::spawn(j.clone(), stop_rx);
+    let app = Arc::new(App {
+        pools: pools.clone(),
+        metrics: metrics.clone(),
+        recorder: polar_meterd::ingest::Recorder::new(
+            pools.requests.clone(),
+            cfg.group_commit_concurrency,
+            cfg.max_pending_events,
+            metrics,
+        ),
+        health: j.polar.as_ref().map(|_| j.health.clone()),
+        limits: Limits {
+            max_body_bytes: cfg.max_body_bytes,
+            batch_max_body_bytes: cfg.batch_max_body_bytes,
+            body_timeout: cfg.body_timeout(),
+        },
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(
+        addr = %addr,
+        scheme = if tls.is_some() { "https" } else { "http" },
+        version = polar_meterd::VERSION,
+        polar_api_url = %polar_meterd::polar::redact(&cfg.polar_base_url()),
+        polar_token_set = j.polar.is_some(),
+        alert_webhook_set = j.webhook.read().unwrap().is_some(),
+        database_tls = ?pools.target.ssl.mode,
+        db_pool_size = cfg.db_pool_size,
+        "listening"
+    );
+    tokio::spawn(reload_on_sighup(cfg.clone(), j.clone(), tls.clone()));
+    polar_meterd::http::serve(
+        listener,
+        app,
+        tls,
+        polar_meterd::http::Limits {
+            header_timeout: cfg.header_timeout(),
+            idle_timeout: cfg.idle_timeout(),
+            max_connections: cfg.max_connections,
+            max_h2_streams: cfg.max_h2_streams,
+        },
+        shutdown_signal(),
+        Duration::from_secs(cfg.shutdown_grace_secs),
+    )
+    .await;
+    // Jobs finish the call in hand; rows of an unfinished batch are released by their lease.
+    let _ = stop_tx.send(true);
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(cfg.polar_timeout_secs + 5), w).await;
+    }
+    Ok(())
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -35,133 +253,44 @@ async fn shutdown_signal() {
     }
 }
 
-fn polar_client(cfg: &Config) -> Result<Option<Arc<polar_meterd::polar::Client>>, String> {
-    let Some(token) = cfg.polar_access_token.clone() else {
-        return Ok(None);
+/// SIGHUP: the TLS certificate, the Polar token and the webhook URL are read
+/// again (the last two from their _FILE variables; values given directly in
+/// the environment cannot change). A value that fails to load keeps the old one.
+async fn reload_on_sighup(
+    cfg: Config,
+    j: Arc<Jobs>,
+    tls: Option<Arc<polar_meterd::http::tls::Reloadable>>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
     };
-    let client = polar_meterd::polar::Client::new(
-        cfg.polar_base_url(),
-        token,
-        cfg.polar_rate_limit(),
-        Duration::from_secs(cfg.polar_timeout_secs),
-    )?;
-    Ok(Some(Arc::new(client)))
-}
-
-fn worker_settings(cfg: &Config) -> polar_meterd::worker::Settings {
-    polar_meterd::worker::Settings {
-        database_url: cfg.database_url.clone(),
-        batch_size: cfg.batch_size.clamp(1, 10_000),
-        lease: Duration::from_secs(cfg.lease_secs.max(cfg.polar_timeout_secs + 10)),
-        poll: Duration::from_secs(cfg.poll_secs.max(1)),
-        alert_webhook_url: cfg.alert_webhook_url.clone(),
-    }
-}
-
-async fn backfill(cfg: Config) -> Result<(), String> {
-    let pool = polar_meterd::db::pool(&cfg.database_url, 2)?;
-    let polar = polar_client(&cfg)?.ok_or("backfill needs POLAR_ACCESS_TOKEN")?;
-    let c = pool.get().await.map_err(|e| e.to_string())?;
-    let queued: i64 = c
-        .query_one("SELECT meter.backfill_polar_customers()", &[])
-        .await
-        .map_err(|e| e.to_string())?
-        .get(0);
-    drop(c);
-    let w = polar_meterd::worker::Workers::new(pool.clone(), polar, worker_settings(&cfg));
-    let done = w.provision_due().await?;
-    tracing::info!(queued, provisioned = done, "backfill finished");
-    println!("backfill: {queued} organizations queued, {done} provisioned");
-    if (done as i64) < queued {
-        return Err(format!(
-            "{} organizations could not be provisioned yet (see the log; they are retried)",
-            queued - done as i64
-        ));
-    }
-    Ok(())
-}
-
-async fn reconcile(cfg: Config, window_end: Option<String>, hours: u32) -> Result<(), String> {
-    let pool = polar_meterd::db::pool(&cfg.database_url, 2)?;
-    let polar = polar_client(&cfg)?.ok_or("reconcile needs POLAR_ACCESS_TOKEN")?;
-    let end = match window_end {
-        None => None,
-        Some(s) => Some(
-            chrono::DateTime::parse_from_rfc3339(&s)
-                .map_err(|e| format!("--window-end: {e}"))?
-                .to_utc(),
-        ),
-    };
-    let length = format!("{hours} hours");
-    let c = pool.get().await.map_err(|e| e.to_string())?;
-    let run: i64 = c
-        .query_one(
-            "SELECT meter.reconcile_meter_to_polar($1, $2::text::interval)",
-            &[&end, &length],
-        )
-        .await
-        .map_err(|e| format!("{:?}", polar_meterd::db::DbError::from(e)))?
-        .get(0);
-    drop(c);
-    let w = polar_meterd::worker::Workers::new(pool, polar, worker_settings(&cfg));
-    let result = w
-        .reconcile_next(Some(run))
-        .await?
-        .ok_or("the run was taken by another process")?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&serde_json::json!({"run_id": run, "result": result}))
-            .unwrap()
-    );
-    Ok(())
-}
-
-async fn serve(cfg: Config) -> Result<(), String> {
-    let pool = polar_meterd::db::pool(&cfg.database_url, cfg.db_pool_size)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let workers = match polar_client(&cfg)? {
-        Some(polar) => {
-            polar_meterd::worker::spawn(pool.clone(), polar, worker_settings(&cfg), stop_rx)
+    while hup.recv().await.is_some() {
+        if let Some(t) = &tls {
+            match t.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate not reloaded; the old one stays")
+                }
+            }
         }
-        None => {
-            tracing::warn!(
-                "POLAR_ACCESS_TOKEN is not set: events are recorded but not delivered to Polar"
-            );
-            Vec::new()
+        match (cfg.polar_token(), &j.polar) {
+            (Ok(Some(token)), Some(p)) => {
+                p.set_token(token);
+                tracing::info!("Polar token reloaded");
+                j.wake.probe.notify_one();
+            }
+            (Err(e), _) => tracing::error!(error = %e, "Polar token not reloaded"),
+            _ => {}
         }
-    };
-    let app = Arc::new(App {
-        pool,
-        metrics: Default::default(),
-        max_body_bytes: cfg.max_body_bytes,
-    });
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(
-        addr = %addr,
-        version = polar_meterd::VERSION,
-        polar_api_url = %cfg.polar_base_url(),
-        polar_token_set = cfg.polar_access_token.is_some(),
-        alert_webhook_set = cfg.alert_webhook_url.is_some(),
-        db_pool_size = cfg.db_pool_size,
-        "listening"
-    );
-    polar_meterd::http::serve(
-        listener,
-        app,
-        shutdown_signal(),
-        Duration::from_secs(cfg.shutdown_grace_secs),
-    )
-    .await;
-    // Workers finish the batch in hand; rows of an unfinished one are
-    // released by their lease.
-    let _ = stop_tx.send(true);
-    for w in workers {
-        let _ = tokio::time::timeout(Duration::from_secs(cfg.polar_timeout_secs + 5), w).await;
+        match cfg.webhook_url() {
+            Ok(url) => {
+                *j.webhook.write().unwrap() = url;
+                tracing::info!("alert webhook reloaded");
+            }
+            Err(e) => tracing::error!(error = %e, "alert webhook not reloaded"),
+        }
     }
-    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -179,7 +308,8 @@ fn main() -> ExitCode {
             Command::Reconcile {
                 window_end,
                 window_hours,
-            } => reconcile(cli.config, window_end, window_hours).await,
+                full,
+            } => reconcile(cli.config, window_end, window_hours, full).await,
         }
     });
     match result {

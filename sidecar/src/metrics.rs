@@ -1,5 +1,8 @@
-//! Prometheus text exposition, kept in-process: requests by route and status,
-//! a latency histogram per route, pool usage and recorded events.
+//! Prometheus text exposition, kept in-process: HTTP requests and latency,
+//! the pools, recording, Polar calls and their outcomes, delivery results,
+//! alerts forwarded, whether delivery is paused, and the outbox as the
+//! database last reported it (read on a timer, never per scrape).
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,15 +23,33 @@ struct Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     latency: Mutex<BTreeMap<&'static str, Histogram>>,
+    polar_calls: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     pub events_recorded: AtomicU64,
     pub events_already_recorded: AtomicU64,
+    pub group_commits: AtomicU64,
+    pub group_commit_events: AtomicU64,
+    pub events_delivered: AtomicU64,
+    pub events_rejected: AtomicU64,
+    pub events_dropped: AtomicU64,
+    pub events_deferred: AtomicU64,
+    pub alerts_forwarded: AtomicU64,
+    pub alert_forward_failures: AtomicU64,
+    pub delivery_paused: AtomicU64,
+    /// meter.outbox_stats() as last read, and when (unix seconds).
+    outbox: Mutex<Option<(Value, f64)>>,
 }
 
 pub struct PoolUsage {
+    pub name: &'static str,
     pub max: usize,
     pub size: usize,
     pub available: usize,
     pub waiting: usize,
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 impl Metrics {
@@ -49,20 +70,45 @@ impl Metrics {
         h.count += 1;
     }
 
-    pub fn render(&self, pool: &PoolUsage) -> String {
-        let mut out = String::with_capacity(4096);
-        out.push_str("# HELP polar_meter_http_requests_total HTTP requests by route and status.\n");
-        out.push_str("# TYPE polar_meter_http_requests_total counter\n");
+    /// One Polar call: `endpoint` is the operation's pattern, `outcome` one of
+    /// 2xx, 3xx, 4xx, 422, 429, 5xx, transport.
+    pub fn polar_call(&self, endpoint: &'static str, outcome: &'static str) {
+        *self
+            .polar_calls
+            .lock()
+            .unwrap()
+            .entry((endpoint, outcome))
+            .or_default() += 1;
+    }
+
+    pub fn set_outbox(&self, stats: Value) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        *self.outbox.lock().unwrap() = Some((stats, now));
+    }
+
+    pub fn render(&self, pools: &[PoolUsage]) -> String {
+        let mut out = String::with_capacity(8192);
+        head(
+            &mut out,
+            "polar_meter_http_requests_total",
+            "counter",
+            "HTTP requests by route and status.",
+        );
         for ((route, status), n) in self.requests.lock().unwrap().iter() {
             let _ = writeln!(
                 out,
                 "polar_meter_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
-        out.push_str(
-            "# HELP polar_meter_http_request_duration_seconds Request latency by route.\n",
+        head(
+            &mut out,
+            "polar_meter_http_request_duration_seconds",
+            "histogram",
+            "Request latency by route.",
         );
-        out.push_str("# TYPE polar_meter_http_request_duration_seconds histogram\n");
         for (route, h) in self.latency.lock().unwrap().iter() {
             let mut cum = 0;
             for (i, b) in BUCKETS.iter().enumerate() {
@@ -81,50 +127,231 @@ impl Metrics {
                 h.count
             );
         }
-        out.push_str(
-            "# HELP polar_meter_events_total Events accepted by POST /api/v1/meter, by outcome.\n",
+        head(
+            &mut out,
+            "polar_meter_events_total",
+            "counter",
+            "Events answered by the recording endpoints, by outcome.",
         );
-        out.push_str("# TYPE polar_meter_events_total counter\n");
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
             "polar_meter_events_total{{status=\"recorded\"}} {}",
-            self.events_recorded.load(Ordering::Relaxed)
+            load(&self.events_recorded)
         );
         let _ = writeln!(
             out,
             "polar_meter_events_total{{status=\"already_recorded\"}} {}",
-            self.events_already_recorded.load(Ordering::Relaxed)
+            load(&self.events_already_recorded)
         );
-        out.push_str(
-            "# HELP polar_meter_db_pool_connections Database pool connections by state.\n",
-        );
-        out.push_str("# TYPE polar_meter_db_pool_connections gauge\n");
-        let _ = writeln!(
-            out,
-            "polar_meter_db_pool_connections{{state=\"max\"}} {}",
-            pool.max
+        head(
+            &mut out,
+            "polar_meter_group_commits_total",
+            "counter",
+            "Recording calls made for single-event requests (each may hold many).",
         );
         let _ = writeln!(
             out,
-            "polar_meter_db_pool_connections{{state=\"open\"}} {}",
-            pool.size
+            "polar_meter_group_commits_total {}",
+            load(&self.group_commits)
+        );
+        head(
+            &mut out,
+            "polar_meter_group_commit_events_total",
+            "counter",
+            "Single-event requests recorded through group commits.",
         );
         let _ = writeln!(
             out,
-            "polar_meter_db_pool_connections{{state=\"idle\"}} {}",
-            pool.available
+            "polar_meter_group_commit_events_total {}",
+            load(&self.group_commit_events)
+        );
+        head(
+            &mut out,
+            "polar_meter_polar_requests_total",
+            "counter",
+            "Calls to Polar by endpoint and outcome (2xx, 3xx, 4xx, 422, 429, 5xx, transport).",
+        );
+        for ((endpoint, outcome), n) in self.polar_calls.lock().unwrap().iter() {
+            let _ = writeln!(out, "polar_meter_polar_requests_total{{endpoint=\"{endpoint}\",outcome=\"{outcome}\"}} {n}");
+        }
+        head(
+            &mut out,
+            "polar_meter_delivery_events_total",
+            "counter",
+            "Events this process reported to the outbox, by result.",
+        );
+        for (result, n) in [
+            ("delivered", load(&self.events_delivered)),
+            ("rejected", load(&self.events_rejected)),
+            ("dropped", load(&self.events_dropped)),
+            ("deferred", load(&self.events_deferred)),
+        ] {
+            let _ = writeln!(
+                out,
+                "polar_meter_delivery_events_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        head(
+            &mut out,
+            "polar_meter_delivery_paused",
+            "gauge",
+            "1 while this process pauses delivery because Polar is unavailable.",
         );
         let _ = writeln!(
             out,
-            "polar_meter_db_pool_connections{{state=\"in_use\"}} {}",
-            pool.size.saturating_sub(pool.available)
+            "polar_meter_delivery_paused {}",
+            load(&self.delivery_paused)
         );
-        out.push_str(
-            "# HELP polar_meter_db_pool_waiting Requests waiting for a database connection.\n",
+        head(
+            &mut out,
+            "polar_meter_alerts_forwarded_total",
+            "counter",
+            "Alerts this process forwarded (to the webhook, or to its log without one).",
         );
-        out.push_str("# TYPE polar_meter_db_pool_waiting gauge\n");
-        let _ = writeln!(out, "polar_meter_db_pool_waiting {}", pool.waiting);
+        let _ = writeln!(
+            out,
+            "polar_meter_alerts_forwarded_total {}",
+            load(&self.alerts_forwarded)
+        );
+        head(
+            &mut out,
+            "polar_meter_alert_forward_failures_total",
+            "counter",
+            "Webhook calls that failed (each alert is retried).",
+        );
+        let _ = writeln!(
+            out,
+            "polar_meter_alert_forward_failures_total {}",
+            load(&self.alert_forward_failures)
+        );
+        self.render_outbox(&mut out);
+        head(
+            &mut out,
+            "polar_meter_db_pool_connections",
+            "gauge",
+            "Database pool connections by pool and state.",
+        );
+        for p in pools {
+            for (state, n) in [
+                ("max", p.max),
+                ("open", p.size),
+                ("idle", p.available),
+                ("in_use", p.size.saturating_sub(p.available)),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "polar_meter_db_pool_connections{{pool=\"{}\",state=\"{state}\"}} {n}",
+                    p.name
+                );
+            }
+        }
+        head(
+            &mut out,
+            "polar_meter_db_pool_waiting",
+            "gauge",
+            "Callers waiting for a database connection, by pool.",
+        );
+        for p in pools {
+            let _ = writeln!(
+                out,
+                "polar_meter_db_pool_waiting{{pool=\"{}\"}} {}",
+                p.name, p.waiting
+            );
+        }
         out
+    }
+
+    fn render_outbox(&self, out: &mut String) {
+        let guard = self.outbox.lock().unwrap();
+        let Some((s, at)) = guard.as_ref() else {
+            return;
+        };
+        let num = |v: &Value| v.as_f64().unwrap_or(0.0);
+        head(out, "polar_meter_outbox_events", "gauge", "Events by delivery status (pending, in_flight, failed, dropped, rejected), as last read from the database.");
+        for status in ["pending", "in_flight", "failed", "dropped", "rejected"] {
+            let _ = writeln!(
+                out,
+                "polar_meter_outbox_events{{status=\"{status}\"}} {}",
+                num(&s["backlog"][status])
+            );
+        }
+        for (name, help, v) in [
+            (
+                "polar_meter_outbox_oldest_due_age_seconds",
+                "Age of the oldest due event of an organization with a Polar customer.",
+                &s["oldest_due_age_seconds"],
+            ),
+            (
+                "polar_meter_outbox_waiting_for_customer_events",
+                "Events waiting for their organization's Polar customer.",
+                &s["waiting_for_customer"],
+            ),
+            (
+                "polar_meter_alerts_pending",
+                "Alerts raised and not yet forwarded.",
+                &s["alerts_pending"],
+            ),
+            (
+                "polar_meter_alerts_failed",
+                "Alerts given up after alert_max_tries.",
+                &s["alerts_failed"],
+            ),
+            (
+                "polar_meter_audit_unsealed_rows",
+                "Audit rows waiting for the sealer.",
+                &s["audit_unsealed"],
+            ),
+            (
+                "polar_meter_reconcile_failed_runs",
+                "Reconcile runs that ended failed.",
+                &s["reconcile_failed"],
+            ),
+        ] {
+            head(out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {}", num(v));
+        }
+        head(
+            out,
+            "polar_meter_alerts_raised_total",
+            "counter",
+            "Alerts ever raised in this database.",
+        );
+        let _ = writeln!(
+            out,
+            "polar_meter_alerts_raised_total {}",
+            num(&s["alerts_total"])
+        );
+        let run = &s["last_reconcile"];
+        if run.is_object() {
+            for (name, help, v) in [
+                (
+                    "polar_meter_reconcile_last_age_seconds",
+                    "Seconds since the last reconcile run finished.",
+                    &run["age_seconds"],
+                ),
+                (
+                    "polar_meter_reconcile_last_drift",
+                    "Drift (events) found by the last finished reconcile run.",
+                    &run["drift"],
+                ),
+                (
+                    "polar_meter_reconcile_last_drift_ratio",
+                    "Drift ratio of the last finished reconcile run.",
+                    &run["drift_ratio"],
+                ),
+            ] {
+                head(out, name, "gauge", help);
+                let _ = writeln!(out, "{name} {}", num(v));
+            }
+        }
+        head(
+            out,
+            "polar_meter_outbox_stats_timestamp_seconds",
+            "gauge",
+            "When these outbox figures were read (unix time).",
+        );
+        let _ = writeln!(out, "polar_meter_outbox_stats_timestamp_seconds {at}");
     }
 }
 
@@ -138,12 +365,13 @@ mod tests {
         m.observe("POST /api/v1/meter", 202, 0.0007);
         m.observe("POST /api/v1/meter", 202, 0.02);
         m.observe("POST /api/v1/meter", 400, 9.0);
-        let text = m.render(&PoolUsage {
+        let text = m.render(&[PoolUsage {
+            name: "requests",
             max: 4,
             size: 2,
             available: 1,
             waiting: 0,
-        });
+        }]);
         assert!(text.contains(
             "polar_meter_http_requests_total{route=\"POST /api/v1/meter\",status=\"202\"} 2"
         ));
@@ -151,6 +379,27 @@ mod tests {
         assert!(text.contains("le=\"0.025\"} 2\n"));
         assert!(text.contains("le=\"5\"} 2\n"));
         assert!(text.contains("le=\"+Inf\"} 3\n"));
-        assert!(text.contains("polar_meter_db_pool_connections{state=\"in_use\"} 1"));
+        assert!(
+            text.contains("polar_meter_db_pool_connections{pool=\"requests\",state=\"in_use\"} 1")
+        );
+    }
+
+    #[test]
+    fn delivery_and_outbox_figures_are_exposed() {
+        let m = Metrics::default();
+        m.polar_call("POST /v1/events/ingest", "2xx");
+        m.polar_call("POST /v1/events/ingest", "2xx");
+        m.polar_call("POST /v1/events/ingest", "429");
+        m.events_delivered.fetch_add(7, Ordering::Relaxed);
+        m.set_outbox(serde_json::json!({"backlog": {"pending": 3, "dropped": 1}, "oldest_due_age_seconds": 12.5,
+            "last_reconcile": {"age_seconds": 60, "drift": 2, "drift_ratio": 0.5}}));
+        let text = m.render(&[]);
+        assert!(text.contains("polar_meter_polar_requests_total{endpoint=\"POST /v1/events/ingest\",outcome=\"2xx\"} 2"));
+        assert!(text.contains("polar_meter_delivery_events_total{result=\"delivered\"} 7"));
+        assert!(text.contains("polar_meter_outbox_events{status=\"pending\"} 3"));
+        assert!(text.contains("polar_meter_outbox_events{status=\"in_flight\"} 0"));
+        assert!(text.contains("polar_meter_outbox_oldest_due_age_seconds 12.5"));
+        assert!(text.contains("polar_meter_reconcile_last_drift 2"));
+        assert!(text.contains("polar_meter_delivery_paused 0"));
     }
 }

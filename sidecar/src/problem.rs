@@ -1,10 +1,12 @@
-//! RFC 9457 problem details. Each cause has a stable `type`; the SQLSTATE
-//! table below is the only place that maps extension errors to HTTP.
+//! RFC 9457 problem details. Each cause has a stable `type`. Database errors
+//! map through the extension's own error table (polar_meter_rules::sqlstate),
+//! the one place that says which SQLSTATE is which HTTP answer.
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
-use serde_json::json;
+use polar_meter_rules::sqlstate;
+use serde_json::{json, Value};
 
 use crate::db::DbError;
 
@@ -18,8 +20,6 @@ pub struct Problem {
     pub detail: String,
     /// Seconds, for 503.
     pub retry_after: Option<u32>,
-    /// The `error` parameter of WWW-Authenticate for 401s.
-    pub auth_error: Option<&'static str>,
     /// The Allow header, for 405.
     pub allow: Option<&'static str>,
 }
@@ -37,7 +37,6 @@ impl Problem {
             title,
             detail: detail.into(),
             retry_after: None,
-            auth_error: None,
             allow: None,
         }
     }
@@ -59,14 +58,12 @@ impl Problem {
         )
     }
     pub fn missing_credentials() -> Self {
-        let mut p = Self::new(
+        Self::new(
             StatusCode::UNAUTHORIZED,
             "missing-credentials",
             "Authentication required",
             "send Authorization: Bearer ak_...",
-        );
-        p.auth_error = Some("");
-        p
+        )
     }
     pub fn not_found() -> Self {
         Self::new(
@@ -76,13 +73,15 @@ impl Problem {
             "no such resource",
         )
     }
-    pub fn method_not_allowed() -> Self {
-        Self::new(
+    pub fn method_not_allowed(allow: &'static str) -> Self {
+        let mut p = Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method-not-allowed",
             "Method not allowed",
-            "see the Allow header",
-        )
+            format!("allowed: {allow}"),
+        );
+        p.allow = Some(allow);
+        p
     }
     pub fn too_large(limit: usize) -> Self {
         Self::new(
@@ -90,6 +89,14 @@ impl Problem {
             "body-too-large",
             "Request body too large",
             format!("the body must be at most {limit} bytes"),
+        )
+    }
+    pub fn body_timeout(secs: u64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "Request body too slow",
+            format!("the body must arrive within {secs} s"),
         )
     }
     pub fn unsupported_media_type() -> Self {
@@ -110,6 +117,16 @@ impl Problem {
         p.retry_after = Some(2);
         p
     }
+    pub fn overloaded() -> Self {
+        let mut p = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Too many requests in progress",
+            "the event was not recorded; retry with the same Idempotency-Key",
+        );
+        p.retry_after = Some(1);
+        p
+    }
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,117 +136,70 @@ impl Problem {
         )
     }
 
-    /// The problem for a database failure: an extension SQLSTATE maps to its
-    /// cause; input PostgreSQL itself refused (NUL bytes, bad encoding) is the
-    /// client's; the database being away is a 503.
-    pub fn from_db(e: &DbError) -> Self {
-        let (code, message) = match e {
-            DbError::Unavailable(_) => return Self::unavailable(),
-            DbError::Internal(_) => return Self::internal(),
-            DbError::Sql { code, message } => (code.as_str(), message.clone()),
-        };
-        use StatusCode as S;
-        let (status, slug, title, auth) = match code {
-            "PM001" => (
-                S::UNAUTHORIZED,
-                "malformed-api-key",
-                "Malformed API key",
-                Some("invalid_token"),
-            ),
-            "PM002" => (
-                S::UNAUTHORIZED,
-                "unknown-api-key",
-                "Unknown API key",
-                Some("invalid_token"),
-            ),
-            "PM003" => (
-                S::UNAUTHORIZED,
-                "revoked-api-key",
-                "Revoked API key",
-                Some("invalid_token"),
-            ),
-            "PM004" => (
-                S::UNAUTHORIZED,
-                "expired-api-key",
-                "Expired API key",
-                Some("invalid_token"),
-            ),
-            "PM005" => (
-                S::FORBIDDEN,
-                "insufficient-permission",
-                "Insufficient permission",
-                Some("insufficient_scope"),
-            ),
-            "PM010" => (
-                S::BAD_REQUEST,
-                "invalid-event-name",
-                "Invalid event_name",
-                None,
-            ),
-            "PM011" => (
-                S::BAD_REQUEST,
-                "invalid-timestamp",
-                "Invalid event_timestamp",
-                None,
-            ),
-            "PM012" => (
-                S::BAD_REQUEST,
-                "timestamp-in-future",
-                "event_timestamp in the future",
-                None,
-            ),
-            "PM013" => (S::BAD_REQUEST, "invalid-metadata", "Invalid metadata", None),
-            "PM014" => (
-                S::BAD_REQUEST,
-                "invalid-idempotency-key",
-                "Missing or invalid Idempotency-Key",
-                None,
-            ),
-            "PM020" => (
-                S::UNPROCESSABLE_ENTITY,
-                "idempotency-key-reused",
-                "Idempotency-Key reused with a different payload",
-                None,
-            ),
-            "PM031" => (
-                S::BAD_REQUEST,
-                "invalid-permissions",
-                "Invalid permissions",
-                None,
-            ),
-            "PM032" => (S::BAD_REQUEST, "invalid-key-name", "Invalid key name", None),
-            "PM033" => (S::NOT_FOUND, "not-found", "Not found", None),
-            "PM034" => (S::BAD_REQUEST, "invalid-argument", "Invalid argument", None),
-            // PostgreSQL refused the input before our code saw it: NUL in
-            // text (22021), NUL escape in jsonb (22P05), bad text form (22P02),
-            // value out of range (22003, 22008), too long for an index (54000).
-            "22021" | "22P05" | "22P02" | "22003" | "22008" | "22007" | "54000" => {
-                (S::BAD_REQUEST, "invalid-input", "Invalid input", None)
-            }
-            _ => return Self::internal(),
-        };
-        let mut p = Self::new(status, slug, title, message);
-        if code.starts_with("22") || code == "54000" {
-            p.detail =
-                "the input contains a value PostgreSQL cannot store (for example a NUL character)"
-                    .into();
+    /// The problem for a SQLSTATE raised while serving a client: a declared
+    /// code maps to its cause; a `PM` code this binary does not know (a newer
+    /// extension during a rolling upgrade) is still the client's, a 400; data
+    /// PostgreSQL itself refused (class 22, or too long for an index) is the
+    /// client's too. Anything else is ours: a 500.
+    pub fn from_sql(code: &str, message: &str) -> Self {
+        if let Some(c) = sqlstate::lookup(code) {
+            let status = StatusCode::from_u16(c.http_status).unwrap_or(StatusCode::BAD_REQUEST);
+            return Self::new(status, c.problem, c.title, message);
         }
-        p.auth_error = auth;
-        p
+        if code.starts_with("PM") {
+            return Self::new(
+                StatusCode::BAD_REQUEST,
+                "request-refused",
+                "Request refused",
+                format!("{code}: {message}"),
+            );
+        }
+        if code.starts_with("22") || code == "54000" {
+            return Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-input",
+                "Invalid input",
+                "the input holds a value PostgreSQL cannot store or read (for example a NUL character or an out-of-range date)",
+            );
+        }
+        Self::internal()
+    }
+
+    pub fn from_db(e: &DbError) -> Self {
+        match e {
+            DbError::Unavailable(_) => Self::unavailable(),
+            DbError::Internal(_) => Self::internal(),
+            DbError::Sql { code, message } => Self::from_sql(code, message),
+        }
     }
 
     pub fn type_uri(&self) -> String {
         format!("{TYPE_BASE}{}", self.slug)
     }
 
-    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
-        let body = json!({
+    /// The RFC 9457 object (also the `problem` of a batch item).
+    pub fn body(&self) -> Value {
+        json!({
             "type": self.type_uri(),
             "title": self.title,
             "status": self.status.as_u16(),
             "detail": self.detail,
-            "request_id": request_id,
-        });
+        })
+    }
+
+    /// RFC 6750's `error` for WWW-Authenticate.
+    fn auth_error(&self) -> Option<&'static str> {
+        match (self.status, self.slug) {
+            (StatusCode::UNAUTHORIZED, "missing-credentials") => None,
+            (StatusCode::UNAUTHORIZED, _) => Some("invalid_token"),
+            (StatusCode::FORBIDDEN, _) => Some("insufficient_scope"),
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
+        let mut body = self.body();
+        body["request_id"] = json!(request_id);
         let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
@@ -241,18 +211,18 @@ impl Problem {
         if let Some(secs) = self.retry_after {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
-        match (self.status, self.auth_error) {
-            (StatusCode::UNAUTHORIZED, Some("")) | (StatusCode::UNAUTHORIZED, None) => {
-                h.insert(
-                    WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"polar-meter\""),
-                );
-            }
+        match (self.status, self.auth_error()) {
             (_, Some(err)) => {
                 let v = format!("Bearer realm=\"polar-meter\", error=\"{err}\"");
                 h.insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_str(&v).expect("static ascii"),
+                );
+            }
+            (StatusCode::UNAUTHORIZED, None) => {
+                h.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"polar-meter\""),
                 );
             }
             _ => {}
@@ -268,53 +238,35 @@ impl Problem {
 mod tests {
     use super::*;
 
-    fn sql(code: &str) -> DbError {
-        DbError::Sql {
-            code: code.into(),
-            message: "m".into(),
-        }
-    }
-
     #[test]
-    fn every_extension_code_maps_to_a_distinct_cause() {
-        let codes = [
-            "PM001", "PM002", "PM003", "PM004", "PM005", "PM010", "PM011", "PM012", "PM013",
-            "PM014", "PM020",
-        ];
-        let slugs: std::collections::HashSet<&str> = codes
-            .iter()
-            .map(|c| Problem::from_db(&sql(c)).slug)
-            .collect();
-        assert_eq!(slugs.len(), codes.len());
+    fn every_declared_code_answers_as_the_table_says() {
+        for c in sqlstate::ALL {
+            let p = Problem::from_sql(c.code, "m");
+            assert_eq!(p.status.as_u16(), c.http_status, "{}", c.code);
+            assert_eq!(p.slug, c.problem, "{}", c.code);
+            assert_eq!(p.detail, "m");
+        }
         assert_eq!(
-            Problem::from_db(&sql("PM001")).status,
-            StatusCode::UNAUTHORIZED
-        );
-        assert_eq!(
-            Problem::from_db(&sql("PM005")).status,
-            StatusCode::FORBIDDEN
-        );
-        assert_eq!(
-            Problem::from_db(&sql("PM020")).status,
+            Problem::from_sql("PM020", "m").status,
             StatusCode::UNPROCESSABLE_ENTITY
         );
-        assert_eq!(
-            Problem::from_db(&sql("PM013")).status,
-            StatusCode::BAD_REQUEST
-        );
     }
 
     #[test]
-    fn client_input_is_never_a_500_and_unknown_codes_are() {
-        for c in ["22021", "22P05", "22P02", "54000", "PM034"] {
-            assert_eq!(
-                Problem::from_db(&sql(c)).status,
-                StatusCode::BAD_REQUEST,
-                "{c}"
-            );
+    fn client_input_is_never_a_500_and_our_errors_are() {
+        for c in [
+            "22021", "22P05", "22P02", "22009", "22008", "54000", "PM999", "PM015",
+        ] {
+            let p = Problem::from_sql(c, "m");
+            assert!(p.status.is_client_error(), "{c}: {}", p.status);
         }
+        assert_eq!(Problem::from_sql("PM999", "x").slug, "request-refused");
         assert_eq!(
-            Problem::from_db(&sql("XX000")).status,
+            Problem::from_sql("XX000", "x").status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            Problem::from_sql("42883", "x").status,
             StatusCode::INTERNAL_SERVER_ERROR
         );
         assert_eq!(
@@ -325,12 +277,22 @@ mod tests {
 
     #[test]
     fn responses_carry_the_rfc9457_shape_and_headers() {
-        let r = Problem::from_db(&sql("PM003")).into_response("rid");
+        let r = Problem::from_sql("PM003", "m").into_response("rid");
         assert_eq!(r.headers()[CONTENT_TYPE], "application/problem+json");
         assert!(r.headers()[WWW_AUTHENTICATE]
             .to_str()
             .unwrap()
             .contains("invalid_token"));
+        let r = Problem::from_sql("PM005", "m").into_response("rid");
+        assert!(r.headers()[WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .contains("insufficient_scope"));
+        let r = Problem::missing_credentials().into_response("rid");
+        assert_eq!(
+            r.headers()[WWW_AUTHENTICATE],
+            "Bearer realm=\"polar-meter\""
+        );
         let r = Problem::unavailable().into_response("rid");
         assert_eq!(r.headers()[RETRY_AFTER], "2");
     }

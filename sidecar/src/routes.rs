@@ -1,7 +1,7 @@
-//! Routing and handlers. Each handler makes at most one SQL call; everything
-//! it cannot decide from HTTP alone is the extension's to judge.
+//! Routing and handlers. Each handler makes at most one SQL call (a batch that
+//! fails as a whole is retried item by item); everything it cannot decide from
+//! HTTP alone is the extension's to judge.
 use bytes::Bytes;
-use deadpool_postgres::Pool;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{
@@ -9,21 +9,32 @@ use hyper::header::{
     LOCATION,
 };
 use hyper::{Method, Request, Response, StatusCode};
-use serde::de::{MapAccess, Visitor};
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Map, Value};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio_postgres::types::ToSql;
 
-use crate::db::DbError;
+use crate::db::{DbError, Pools};
+use crate::ingest::{Outcome, Recorder};
 use crate::metrics::{Metrics, PoolUsage};
+use crate::polar::Health;
 use crate::problem::Problem;
 
-pub struct App {
-    pub pool: Pool,
-    pub metrics: Metrics,
+pub struct Limits {
     pub max_body_bytes: usize,
+    pub batch_max_body_bytes: usize,
+    pub body_timeout: Duration,
+}
+
+pub struct App {
+    pub pools: Pools,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Arc<Recorder>,
+    /// Polar's state as this sidecar sees it; None without a token.
+    pub health: Option<Arc<Health>>,
+    pub limits: Limits,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -32,15 +43,13 @@ type Handled = Result<Resp, Problem>;
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
-const RECORD_EVENT: &str =
-    "SELECT status, event_id FROM meter.record_event($1::text, $2::text, $3::text, $4::text, $5::jsonb)";
 const CREATE_KEY: &str =
     "SELECT id, key, start, granted, valid_until FROM meter.create_own_api_key($1::text, $2::text, $3::text[], $4::timestamptz)";
 const LIST_KEYS: &str =
     "SELECT id, name, start, permissions, created_at, expires_at, revoked_at, last_used_at
      FROM meter.list_own_api_keys($1::text)";
 const REVOKE_KEY: &str = "SELECT meter.revoke_own_api_key($1::text, $2::uuid)";
-const EXTENSION_VERSION: &str = "SELECT meter.extension_version()";
+const VERSIONS: &str = "SELECT meter.extension_version(), meter.oldest_supported_sidecar()";
 
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
     let started = Instant::now();
@@ -69,12 +78,22 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> (&'static str, Handled) 
     match path {
         "/api/v1/meter" => match *m {
             Method::POST => ("POST /api/v1/meter", meter(app, req).await),
-            _ => ("/api/v1/meter", Err(not_allowed("POST"))),
+            _ => ("/api/v1/meter", Err(Problem::method_not_allowed("POST"))),
+        },
+        "/api/v1/meter/batch" => match *m {
+            Method::POST => ("POST /api/v1/meter/batch", meter_batch(app, req).await),
+            _ => (
+                "/api/v1/meter/batch",
+                Err(Problem::method_not_allowed("POST")),
+            ),
         },
         "/api/v1/api-keys" => match *m {
             Method::POST => ("POST /api/v1/api-keys", create_key(app, req).await),
             Method::GET => ("GET /api/v1/api-keys", list_keys(app, req).await),
-            _ => ("/api/v1/api-keys", Err(not_allowed("GET, POST"))),
+            _ => (
+                "/api/v1/api-keys",
+                Err(Problem::method_not_allowed("GET, POST")),
+            ),
         },
         p if p.starts_with("/api/v1/api-keys/") => match *m {
             Method::DELETE => {
@@ -84,16 +103,22 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> (&'static str, Handled) 
                     revoke_key(app, req, &id).await,
                 )
             }
-            _ => ("/api/v1/api-keys/{id}", Err(not_allowed("DELETE"))),
+            _ => (
+                "/api/v1/api-keys/{id}",
+                Err(Problem::method_not_allowed("DELETE")),
+            ),
         },
         "/.well-known/agent-configuration" => match *m {
             Method::GET | Method::HEAD => (
                 "GET /.well-known/agent-configuration",
-                Ok(agent_configuration()),
+                Ok(static_json(
+                    crate::agent_config::document().to_string().into(),
+                    "public, max-age=3600",
+                )),
             ),
             _ => (
                 "/.well-known/agent-configuration",
-                Err(not_allowed("GET, HEAD")),
+                Err(Problem::method_not_allowed("GET, HEAD")),
             ),
         },
         "/healthz" => (
@@ -102,16 +127,44 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> (&'static str, Handled) 
         ),
         "/readyz" => ("GET /readyz", readyz(app).await),
         "/metrics" => ("GET /metrics", Ok(metrics(app))),
-        "/openapi.json" => ("GET /openapi.json", Ok(openapi())),
+        "/openapi.json" => (
+            "GET /openapi.json",
+            Ok(static_json(
+                Bytes::from_static(include_bytes!("../../docs/openapi.json")),
+                "public, max-age=3600",
+            )),
+        ),
         _ => ("unmatched", Err(Problem::not_found())),
     }
 }
 
-fn not_allowed(allow: &'static str) -> Problem {
-    let mut p = Problem::method_not_allowed();
-    p.detail = format!("allowed: {allow}");
-    p.allow = Some(allow);
+/// The one way a handler calls SQL: a pooled connection (a bounded wait, 503
+/// past it), a prepared statement, the query, and database errors mapped to
+/// problems.
+async fn sql(
+    app: &App,
+    query: &'static str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, Problem> {
+    let run = async {
+        let c = app.pools.requests.get().await?;
+        let stmt = c.prepare_cached(query).await?;
+        Ok::<_, DbError>(c.query(&stmt, params).await?)
+    };
+    run.await.map_err(|e| db_problem(&e))
+}
+
+fn db_problem(e: &DbError) -> Problem {
+    let p = Problem::from_db(e);
+    if p.status.is_server_error() {
+        // The message is PostgreSQL's or the pool's; neither carries secrets.
+        tracing::warn!(error = %e, "database call failed");
+    }
     p
+}
+
+fn one(rows: Vec<tokio_postgres::Row>) -> Result<tokio_postgres::Row, Problem> {
+    rows.into_iter().next().ok_or_else(Problem::internal)
 }
 
 // ---- POST /api/v1/meter -------------------------------------------------
@@ -142,37 +195,76 @@ async fn meter(app: &App, req: Request<Incoming>) -> Handled {
             .map_err(|_| Problem::bad_idempotency_key("Idempotency-Key must be printable ASCII"))?
             .to_string(),
     };
-    let body: MeterBody = read_json(app, req).await?;
-    let client = app.pool.get().await.map_err(|e| db_problem(e.into()))?;
-    let stmt = client
-        .prepare_cached(RECORD_EVENT)
-        .await
-        .map_err(|e| db_problem(e.into()))?;
-    let row = client
-        .query_one(
-            &stmt,
-            &[
-                &key,
-                &idem,
-                &body.event_name,
-                &body.event_timestamp,
-                &body.metadata,
-            ],
-        )
-        .await
-        .map_err(|e| db_problem(e.into()))?;
-    let status: String = row.get(0);
-    let event_id: uuid::Uuid = row.get(1);
-    let counter = if status == "recorded" {
-        &app.metrics.events_recorded
-    } else {
-        &app.metrics.events_already_recorded
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
+    let body: MeterBody = read_json(app, req, app.limits.max_body_bytes).await?;
+    let event = json!({
+        "idempotency_key": idem,
+        "event_name": body.event_name,
+        "event_timestamp": body.event_timestamp,
+        "metadata": body.metadata,
+    });
+    let r = app.recorder.record_one(key, event).await?;
     Ok(json_response(
         StatusCode::ACCEPTED,
-        &json!({"status": status, "event_id": event_id}),
+        &json!({"status": r.status, "event_id": r.event_id}),
     ))
+}
+
+// ---- POST /api/v1/meter/batch ---------------------------------------------
+
+async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
+    let key = bearer(req.headers())?;
+    let body: StrictJson = read_json(app, req, app.limits.batch_max_body_bytes).await?;
+    let Value::Object(mut envelope) = body.0 else {
+        return Err(Problem::malformed_body(
+            "the body must be a JSON object {\"events\": [...]}",
+        ));
+    };
+    let events = envelope.remove("events").unwrap_or(Value::Null);
+    if let Some(k) = envelope.keys().next() {
+        return Err(Problem::malformed_body(format!(
+            "unknown field {k:?} (the body has only \"events\")"
+        )));
+    }
+    // The envelope's rule is the extension's (polar_meter_rules::batch), checked
+    // here too so that a bad envelope costs no database call.
+    polar_meter_rules::batch::envelope(&events)
+        .map_err(|v| Problem::from_sql(v.sqlstate, &v.message))?;
+    let Value::Array(events) = events else {
+        return Err(Problem::internal());
+    };
+    let outcomes = app.recorder.record(&key, events).await;
+    // A key error or an outage is the same for every item: answer it whole.
+    if let Some(Err(p)) = outcomes.first() {
+        if outcomes
+            .iter()
+            .all(|o| matches!(o, Err(q) if q.slug == p.slug))
+            && (p.status == StatusCode::UNAUTHORIZED
+                || p.status == StatusCode::FORBIDDEN
+                || p.status.is_server_error())
+        {
+            return Err(p.clone());
+        }
+    }
+    let results: Vec<Value> = outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| item_json(i, o))
+        .collect();
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &json!({ "results": results }),
+    ))
+}
+
+fn item_json(index: usize, o: Outcome) -> Value {
+    match o {
+        Ok(r) => json!({"status": r.status, "event_id": r.event_id}),
+        Err(p) => {
+            let mut problem = p.body();
+            problem["index"] = json!(index);
+            json!({"status": "error", "problem": problem})
+        }
+    }
 }
 
 // ---- API keys -------------------------------------------------------------
@@ -189,31 +281,26 @@ struct CreateKeyBody {
 
 async fn create_key(app: &App, req: Request<Incoming>) -> Handled {
     let key = bearer(req.headers())?;
-    let body: CreateKeyBody = read_json(app, req).await?;
+    let body: CreateKeyBody = read_json(app, req, app.limits.max_body_bytes).await?;
     let expires_at = match body.expires_at.as_deref() {
         None => None,
         Some(s) => Some(
             chrono::DateTime::parse_from_rfc3339(s)
                 .map(|t| t.to_utc())
                 .map_err(|_| {
-                    Problem::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid-argument",
-                        "Invalid argument",
+                    Problem::from_sql(
+                        polar_meter_rules::sqlstate::KEY_EXPIRY,
                         "expires_at must be RFC 3339 with a timezone, like 2027-01-31T00:00:00Z",
                     )
                 })?,
         ),
     };
-    let client = app.pool.get().await.map_err(|e| db_problem(e.into()))?;
-    let stmt = client
-        .prepare_cached(CREATE_KEY)
-        .await
-        .map_err(|e| db_problem(e.into()))?;
-    let row = client
-        .query_one(&stmt, &[&key, &body.name, &body.permissions, &expires_at])
-        .await
-        .map_err(|e| db_problem(e.into()))?;
+    let row = one(sql(
+        app,
+        CREATE_KEY,
+        &[&key, &body.name, &body.permissions, &expires_at],
+    )
+    .await?)?;
     let id: uuid::Uuid = row.get(0);
     let start: String = row.get(2);
     tracing::info!(key_id = %id, start, "api key created over HTTP");
@@ -236,15 +323,7 @@ async fn create_key(app: &App, req: Request<Incoming>) -> Handled {
 
 async fn list_keys(app: &App, req: Request<Incoming>) -> Handled {
     let key = bearer(req.headers())?;
-    let client = app.pool.get().await.map_err(|e| db_problem(e.into()))?;
-    let stmt = client
-        .prepare_cached(LIST_KEYS)
-        .await
-        .map_err(|e| db_problem(e.into()))?;
-    let rows = client
-        .query(&stmt, &[&key])
-        .await
-        .map_err(|e| db_problem(e.into()))?;
+    let rows = sql(app, LIST_KEYS, &[&key]).await?;
     type Ts = Option<chrono::DateTime<chrono::Utc>>;
     let data: Vec<Value> = rows
         .iter()
@@ -268,15 +347,7 @@ async fn revoke_key(app: &App, req: Request<Incoming>, id: &str) -> Handled {
     let key = bearer(req.headers())?;
     // Not a UUID: no key can have that id.
     let id: uuid::Uuid = id.parse().map_err(|_| Problem::not_found())?;
-    let client = app.pool.get().await.map_err(|e| db_problem(e.into()))?;
-    let stmt = client
-        .prepare_cached(REVOKE_KEY)
-        .await
-        .map_err(|e| db_problem(e.into()))?;
-    let row = client
-        .query_one(&stmt, &[&key, &id])
-        .await
-        .map_err(|e| db_problem(e.into()))?;
+    let row = one(sql(app, REVOKE_KEY, &[&key, &id]).await?)?;
     let revoked_at: chrono::DateTime<chrono::Utc> = row.get(0);
     tracing::info!(key_id = %id, "api key revoked over HTTP");
     Ok(json_response(
@@ -287,70 +358,92 @@ async fn revoke_key(app: &App, req: Request<Incoming>, id: &str) -> Handled {
 
 // ---- discovery, health, metrics ------------------------------------------
 
-fn agent_configuration() -> Resp {
-    let mut r = json_response(StatusCode::OK, &crate::agent_config::document());
-    r.headers_mut().insert(
-        CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=3600"),
-    );
-    r
-}
-
-/// docs/openapi.json, compiled in: the document describes this binary.
-fn openapi() -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from_static(include_bytes!(
-        "../../docs/openapi.json"
-    ))));
+fn static_json(body: Bytes, cache: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(body));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(
-        CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=3600"),
-    );
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static(cache));
     r
 }
 
+fn version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut it = v.split(['.', '-', '+']).map(|p| p.parse::<u64>().ok());
+    Some((it.next()??, it.next()??, it.next()??))
+}
+
+/// Ready when the database answers and the installed extension serves this
+/// binary: at least the oldest version whose functions it calls, and no newer
+/// than one that still serves it (so `ALTER EXTENSION ... UPDATE` before the
+/// sidecars are replaced keeps them in rotation).
 async fn readyz(app: &App) -> Handled {
-    let client = app.pool.get().await.map_err(|e| db_problem(e.into()))?;
-    let stmt = client
-        .prepare_cached(EXTENSION_VERSION)
-        .await
-        .map_err(|e| db_problem(e.into()))?;
-    let row = client
-        .query_one(&stmt, &[])
-        .await
-        .map_err(|e| db_problem(e.into()))?;
+    let rows = match sql(app, VERSIONS, &[]).await {
+        Err(p) if p.status == StatusCode::INTERNAL_SERVER_ERROR => {
+            // meter.oldest_supported_sidecar() is missing: an extension before 0.3.0.
+            return Err(version_problem(
+                "an older polar_meter, without meter.oldest_supported_sidecar()".into(),
+            ));
+        }
+        other => other?,
+    };
+    let row = one(rows)?;
     let installed: Option<String> = row.get(0);
-    if installed.as_deref() != Some(crate::VERSION) {
-        let mut p = Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "extension-version-mismatch",
-            "Extension version mismatch",
-            format!(
-                "polar-meterd {} needs polar_meter {} but the database has {}",
-                crate::VERSION,
-                crate::VERSION,
-                installed.as_deref().unwrap_or("none")
-            ),
-        );
-        p.retry_after = Some(30);
-        return Err(p);
+    let oldest: String = row.get(1);
+    let inst = installed.as_deref().and_then(version);
+    let ok = inst.is_some_and(|v| Some(v) >= version(crate::MIN_EXTENSION))
+        && version(&oldest) <= version(crate::VERSION);
+    if !ok {
+        return Err(version_problem(format!(
+            "polar_meter {} (which serves polar-meterd {oldest} and later)",
+            installed.as_deref().unwrap_or("none")
+        )));
     }
+    let delivery = match &app.health {
+        None => json!({"enabled": false, "paused": false}),
+        Some(h) => match h.paused() {
+            Some((cause, since)) => {
+                json!({"enabled": true, "paused": true, "cause": cause, "paused_for_seconds": since.elapsed().as_secs()})
+            }
+            None => json!({"enabled": true, "paused": false}),
+        },
+    };
     Ok(json_response(
         StatusCode::OK,
         &json!({"status": "ready", "version": crate::VERSION, "extension_version": installed,
-                "polar_version": crate::polar::POLAR_VERSION}),
+                "polar_version": crate::polar::POLAR_VERSION, "delivery": delivery}),
     ))
 }
 
+fn version_problem(have: String) -> Problem {
+    let mut p = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "extension-version-mismatch",
+        "Extension version mismatch",
+        format!(
+            "polar-meterd {} needs polar_meter {} or later that still serves it; the database has {have}",
+            crate::VERSION,
+            crate::MIN_EXTENSION
+        ),
+    );
+    p.retry_after = Some(30);
+    p
+}
+
 fn metrics(app: &App) -> Resp {
-    let s = app.pool.status();
-    let text = app.metrics.render(&PoolUsage {
-        max: s.max_size,
-        size: s.size,
-        available: s.available,
-        waiting: s.waiting,
-    });
+    let usage = |name, pool: &deadpool_postgres::Pool| {
+        let s = pool.status();
+        PoolUsage {
+            name,
+            max: s.max_size,
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+        }
+    };
+    let text = app.metrics.render(&[
+        usage("requests", &app.pools.requests),
+        usage("background", &app.pools.background),
+    ]);
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -360,15 +453,6 @@ fn metrics(app: &App) -> Resp {
 }
 
 // ---- helpers ---------------------------------------------------------------
-
-fn db_problem(e: DbError) -> Problem {
-    let p = Problem::from_db(&e);
-    if p.status.is_server_error() {
-        // The message is PostgreSQL's or the pool's; neither carries secrets.
-        tracing::warn!(error = ?e, "database call failed");
-    }
-    p
-}
 
 /// The bearer token, unchecked: its format, existence and rights are the
 /// extension's to judge. Never logged.
@@ -392,14 +476,14 @@ fn is_json(h: &HeaderMap) -> bool {
     mime.eq_ignore_ascii_case("application/json")
 }
 
-/// Reads and parses a JSON body: 415 unless JSON, 413 past the limit (checked
-/// against Content-Length up front and enforced while reading), 400 with the
-/// offending field's path otherwise.
+/// Reads and parses a JSON body: 415 unless JSON, 413 past `limit` (checked
+/// against Content-Length up front and enforced while reading), 408 past the
+/// body deadline, 400 with the offending field's path otherwise.
 async fn read_json<T: for<'de> Deserialize<'de>>(
     app: &App,
     req: Request<Incoming>,
+    limit: usize,
 ) -> Result<T, Problem> {
-    let limit = app.max_body_bytes;
     let json = is_json(req.headers());
     let declared = req
         .headers()
@@ -415,23 +499,29 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
         discard_rest(body).await;
         return Err(Problem::too_large(limit));
     }
-    let mut buf = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            return Err(Problem::malformed_body(
-                "the request body could not be read",
-            ));
-        };
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                discard_rest(body).await;
-                return Err(Problem::too_large(limit));
+    let deadline = app.limits.body_timeout;
+    let read = async {
+        let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(Problem::malformed_body(
+                    "the request body could not be read",
+                ));
+            };
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    discard_rest(body).await;
+                    return Err(Problem::too_large(limit));
+                }
+                buf.extend_from_slice(&data);
             }
-            buf.extend_from_slice(&data);
         }
-    }
-    let body = buf;
-    let de = &mut serde_json::Deserializer::from_slice(&body);
+        Ok(buf)
+    };
+    let buf = tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| Problem::body_timeout(deadline.as_secs()))??;
+    let de = &mut serde_json::Deserializer::from_slice(&buf);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -459,30 +549,93 @@ async fn discard_rest(mut body: Incoming) {
             }
         }
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
-/// A JSON object whose keys are unique. serde_json would keep the last of two
-/// equal keys silently; for a billing record an ambiguous body is refused.
-fn strict_object<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
-    struct V;
-    impl<'de> Visitor<'de> for V {
-        type Value = Value;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
-            let mut out = Map::new();
-            while let Some((k, v)) = m.next_entry::<String, Value>()? {
-                if out.contains_key(&k) {
-                    return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
-                }
-                out.insert(k, v);
-            }
-            Ok(Value::Object(out))
-        }
+/// Any JSON value whose objects have unique keys, at every depth. serde_json
+/// would keep the last of two equal keys silently; for a billing record an
+/// ambiguous body is refused.
+struct StrictJson(Value);
+
+impl<'de> Deserialize<'de> for StrictJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Strict.deserialize(d).map(StrictJson)
     }
-    d.deserialize_map(V)
+}
+
+struct Strict;
+
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = s.next_element_seed(Strict)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(k) = m.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
+            }
+            let v = m.next_value_seed(Strict)?;
+            out.insert(k, v);
+        }
+        // serde_json's arbitrary_precision numbers arrive as a one-key map;
+        // hand them on as the number they are.
+        Ok(match out.len() {
+            1 if out.contains_key("$serde_json::private::Number") => {
+                serde_json::from_value(Value::Object(out)).unwrap_or(Value::Null)
+            }
+            _ => Value::Object(out),
+        })
+    }
+}
+
+/// A JSON object whose keys are unique at every depth.
+fn strict_object<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    match Strict.deserialize(d)? {
+        v @ Value::Object(_) => Ok(v),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a JSON object, got {other}"
+        ))),
+    }
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Resp {
@@ -579,12 +732,40 @@ mod tests {
     }
 
     #[test]
+    fn strict_json_refuses_duplicate_keys_at_any_depth_and_keeps_numbers_exact() {
+        let v: StrictJson =
+            serde_json::from_str(r#"{"events":[{"a":{"b":123456789012345678901234567890}}]}"#)
+                .unwrap();
+        assert_eq!(
+            v.0["events"][0]["a"]["b"].to_string(),
+            "123456789012345678901234567890"
+        );
+        for bad in [
+            r#"{"a":1,"a":2}"#,
+            r#"{"events":[{"k":1,"k":1}]}"#,
+            r#"[{"x":{"y":1,"y":2}}]"#,
+        ] {
+            let e = serde_json::from_str::<StrictJson>(bad).err().expect(bad);
+            assert!(e.to_string().contains("duplicate key"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(version("0.10.0") > version("0.9.9"));
+        assert_eq!(version("0.3.0-rc1"), Some((0, 3, 0)));
+        assert_eq!(version("x"), None);
+    }
+
+    #[test]
     fn request_ids() {
         assert_eq!(
             request_id(&headers(&[("x-request-id", "abc-123")])),
             "abc-123"
         );
-        let fresh = request_id(&headers(&[("x-request-id", "bad id with spaces")]));
-        assert_eq!(fresh.len(), 32);
+        assert_eq!(
+            request_id(&headers(&[("x-request-id", "bad id with spaces")])).len(),
+            32
+        );
     }
 }

@@ -50,7 +50,10 @@ pub fn check_events(events: &Value, now_us: i64, skew_us: i64) -> Vec<Checked> {
     let Some(items) = events.as_array() else {
         return Vec::new();
     };
-    items.iter().map(|v| check_one(v, now_us, skew_us)).collect()
+    items
+        .iter()
+        .map(|v| check_one(v, now_us, skew_us))
+        .collect()
 }
 
 fn check_one(v: &Value, now_us: i64, skew_us: i64) -> Checked {
@@ -88,10 +91,7 @@ fn fill(out: &mut Checked, v: &Value, now_us: i64, skew_us: i64) -> Result<(), V
     if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(Violation::new(
             sqlstate::EVENT_SHAPE,
-            format!(
-                "unknown field {k:?} (an event has {})",
-                FIELDS.join(", ")
-            ),
+            format!("unknown field {k:?} (an event has {})", FIELDS.join(", ")),
         ));
     }
     let key = text(obj, "idempotency_key", sqlstate::IDEMPOTENCY_KEY)?;
@@ -100,11 +100,8 @@ fn fill(out: &mut Checked, v: &Value, now_us: i64, skew_us: i64) -> Result<(), V
     let name = text(obj, "event_name", sqlstate::EVENT_NAME)?;
     validate::event_name(name)?;
     out.event_name = Some(name.to_string());
-    let ts = validate::event_timestamp_text(text(
-        obj,
-        "event_timestamp",
-        sqlstate::EVENT_TIMESTAMP,
-    )?)?;
+    let ts =
+        validate::event_timestamp_text(text(obj, "event_timestamp", sqlstate::EVENT_TIMESTAMP)?)?;
     validate::event_timestamp_bounds(ts, now_us, skew_us)?;
     out.timestamp_us = Some(ts);
     if let Some(m) = obj.get("metadata") {
@@ -128,12 +125,17 @@ mod tests {
     #[test]
     fn the_envelope_is_an_array_of_one_to_a_thousand() {
         assert_eq!(envelope(&json!([{}])), Ok(1));
-        assert_eq!(
-            envelope(&Value::Array(vec![json!({}); 1000])),
-            Ok(1000)
-        );
-        for bad in [json!([]), Value::Array(vec![json!({}); 1001]), json!({}), json!("x")] {
-            assert_eq!(envelope(&bad).unwrap_err().sqlstate, sqlstate::BATCH_ENVELOPE);
+        assert_eq!(envelope(&Value::Array(vec![json!({}); 1000])), Ok(1000));
+        for bad in [
+            json!([]),
+            Value::Array(vec![json!({}); 1001]),
+            json!({}),
+            json!("x"),
+        ] {
+            assert_eq!(
+                envelope(&bad).unwrap_err().sqlstate,
+                sqlstate::BATCH_ENVELOPE
+            );
         }
         assert!(check_events(&json!({}), NOW, SKEW).is_empty());
     }
@@ -145,7 +147,9 @@ mod tests {
         assert_eq!(c.violation, None);
         assert_eq!(c.idempotency_key.as_deref(), Some("k"));
         assert_eq!(c.timestamp_us, Some(1_769_857_200_000_001));
-        let c = one(json!({"idempotency_key": "k", "event_name": "n", "event_timestamp": "2026-01-31T12:00:00Z"}));
+        let c = one(
+            json!({"idempotency_key": "k", "event_name": "n", "event_timestamp": "2026-01-31T12:00:00Z"}),
+        );
         assert_eq!(c.violation, None, "metadata is optional");
     }
 
@@ -165,21 +169,67 @@ mod tests {
         let cases = [
             (json!(7), sqlstate::EVENT_SHAPE, "object"),
             (with("extra", json!(1)), sqlstate::EVENT_SHAPE, "\"extra\""),
-            (without("idempotency_key"), sqlstate::IDEMPOTENCY_KEY, "idempotency_key is required"),
-            (with("idempotency_key", json!(1)), sqlstate::IDEMPOTENCY_KEY, "must be a string"),
-            (with("idempotency_key", json!(" x")), sqlstate::IDEMPOTENCY_KEY, "space"),
-            (without("event_name"), sqlstate::EVENT_NAME, "event_name is required"),
-            (with("event_name", json!("")), sqlstate::EVENT_NAME, "1 to 128"),
-            (without("event_timestamp"), sqlstate::EVENT_TIMESTAMP, "required"),
-            (with("event_timestamp", json!("2026-01-31T12:00:00")), sqlstate::EVENT_TIMESTAMP, "timezone"),
-            (with("event_timestamp", json!("2030-01-01T00:00:00Z")), sqlstate::EVENT_TIMESTAMP_FUTURE, "future"),
-            (with("metadata", json!({"a": {"b": 1}})), sqlstate::EVENT_METADATA, "metadata.a"),
-            (with("metadata", Value::Null), sqlstate::EVENT_METADATA, "null"),
+            (
+                without("idempotency_key"),
+                sqlstate::IDEMPOTENCY_KEY,
+                "idempotency_key is required",
+            ),
+            (
+                with("idempotency_key", json!(1)),
+                sqlstate::IDEMPOTENCY_KEY,
+                "must be a string",
+            ),
+            (
+                with("idempotency_key", json!(" x")),
+                sqlstate::IDEMPOTENCY_KEY,
+                "space",
+            ),
+            (
+                without("event_name"),
+                sqlstate::EVENT_NAME,
+                "event_name is required",
+            ),
+            (
+                with("event_name", json!("")),
+                sqlstate::EVENT_NAME,
+                "1 to 128",
+            ),
+            (
+                without("event_timestamp"),
+                sqlstate::EVENT_TIMESTAMP,
+                "required",
+            ),
+            (
+                with("event_timestamp", json!("2026-01-31T12:00:00")),
+                sqlstate::EVENT_TIMESTAMP,
+                "timezone",
+            ),
+            (
+                with("event_timestamp", json!("2030-01-01T00:00:00Z")),
+                sqlstate::EVENT_TIMESTAMP_FUTURE,
+                "future",
+            ),
+            (
+                with("metadata", json!({"a": {"b": 1}})),
+                sqlstate::EVENT_METADATA,
+                "metadata.a",
+            ),
+            (
+                with("metadata", Value::Null),
+                sqlstate::EVENT_METADATA,
+                "null",
+            ),
         ];
         for (item, code, needle) in cases {
-            let v = one(item.clone()).violation.unwrap_or_else(|| panic!("{item} accepted"));
+            let v = one(item.clone())
+                .violation
+                .unwrap_or_else(|| panic!("{item} accepted"));
             assert_eq!(v.sqlstate, code, "{item}");
-            assert!(v.message.contains(needle), "{:?} lacks {needle:?}", v.message);
+            assert!(
+                v.message.contains(needle),
+                "{:?} lacks {needle:?}",
+                v.message
+            );
         }
     }
 
@@ -193,7 +243,10 @@ mod tests {
         let c = check_events(&items, NOW, SKEW);
         assert_eq!(c.len(), 3);
         assert!(c[0].violation.is_none() && c[2].violation.is_none());
-        assert_eq!(c[1].violation.as_ref().unwrap().sqlstate, sqlstate::EVENT_NAME);
+        assert_eq!(
+            c[1].violation.as_ref().unwrap().sqlstate,
+            sqlstate::EVENT_NAME
+        );
         assert_eq!(c[2].idempotency_key.as_deref(), Some("c"));
     }
 }

@@ -130,17 +130,16 @@ mod tests {
         let mut seen = HashSet::new();
         for c in ALL {
             assert!(seen.insert(c.code), "{} declared twice", c.code);
-            assert!(
-                c.code.len() == 5 && c.code.starts_with("PM"),
-                "{}",
-                c.code
-            );
+            assert!(c.code.len() == 5 && c.code.starts_with("PM"), "{}", c.code);
             assert!(
                 (400..500).contains(&c.http_status),
                 "{} must be a 4xx",
                 c.code
             );
-            assert!(c.problem.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'));
+            assert!(c
+                .problem
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'-'));
         }
         let mut sorted: Vec<_> = ALL.iter().map(|c| c.code).collect();
         sorted.sort_unstable();

@@ -345,8 +345,14 @@ mod tests {
     fn any_rfc3339_offset_leap_seconds_and_long_fractions_normalise() {
         let base = 1_769_860_800_000_000; // 2026-01-31T12:00:00Z
         let h = 3_600_000_000;
-        assert_eq!(event_timestamp_text("2026-01-31T12:00:00+16:00"), Ok(base - 16 * h));
-        assert_eq!(event_timestamp_text("2026-01-31T12:00:00-23:59"), Ok(base + 24 * h - 60_000_000));
+        assert_eq!(
+            event_timestamp_text("2026-01-31T12:00:00+16:00"),
+            Ok(base - 16 * h)
+        );
+        assert_eq!(
+            event_timestamp_text("2026-01-31T12:00:00-23:59"),
+            Ok(base + 24 * h - 60_000_000)
+        );
         assert_eq!(
             event_timestamp_text("2026-01-31T12:00:00+23:59"),
             Ok(base - 24 * h + 60_000_000)
@@ -361,7 +367,10 @@ mod tests {
             Ok(base + 123_457),
             "rounded half up to the microsecond"
         );
-        assert_eq!(event_timestamp_text("2026-01-31T12:00:00.0000004Z"), Ok(base));
+        assert_eq!(
+            event_timestamp_text("2026-01-31T12:00:00.0000004Z"),
+            Ok(base)
+        );
         assert_eq!(
             event_timestamp_text("9999-12-31T23:59:59.999999999Z"),
             Ok(253_402_300_800_000_000)
@@ -391,7 +400,15 @@ mod tests {
         let v = organization(&org(None, None)).unwrap_err();
         assert_eq!(v.sqlstate, sqlstate::ORG_INVALID);
         assert!(v.message.contains("owner"), "{}", v.message);
-        for bad in ["x", "a@b", "@b.c", "a b@c.d", "a@b..c", "a@-b.c", "a@b.c@d.e"] {
+        for bad in [
+            "x",
+            "a@b",
+            "@b.c",
+            "a b@c.d",
+            "a@b..c",
+            "a@-b.c",
+            "a@b.c@d.e",
+        ] {
             let v = organization(&org(Some(bad), None)).unwrap_err();
             assert!(v.message.starts_with("email"), "{bad}: {}", v.message);
         }
@@ -399,7 +416,10 @@ mod tests {
         o.name = Some("  ");
         assert!(organization(&o).unwrap_err().message.contains("name"));
         o.name = None;
-        assert!(organization(&o).unwrap_err().message.contains("name is required"));
+        assert!(organization(&o)
+            .unwrap_err()
+            .message
+            .contains("name is required"));
         let mut o = org(Some("a@b.co"), None);
         o.id = Some("");
         assert!(organization(&o).unwrap_err().message.starts_with("id"));
@@ -407,7 +427,10 @@ mod tests {
         assert!(organization(&o).is_err());
         let mut o = org(Some("a@b.co"), None);
         o.owner_name = Some("Jo");
-        assert!(organization(&o).unwrap_err().message.contains("owner_email"));
+        assert!(organization(&o)
+            .unwrap_err()
+            .message
+            .contains("owner_email"));
     }
 
     #[test]

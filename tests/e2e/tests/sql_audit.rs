@@ -1,30 +1,35 @@
-//! The audit log: append-only, sealed asynchronously into a hash chain that
-//! detects altered, removed and skipped rows.
+//! The audit log: append-only, each organization's rows sealed asynchronously
+//! into a hash chain of their own that detects altered and removed rows, and
+//! that a writer holding an id open can never make skip a row.
 use pm_e2e::{sqlstate, TestDb};
 use tokio_postgres::Client;
 
-async fn with_events(n: i32) -> (TestDb, Client) {
+async fn with_events(orgs: &[&str], n: i32) -> (TestDb, Client) {
     let db = TestDb::new().await;
     let c = db.admin().await;
-    db.org(&c, "acme").await;
-    c.execute(
-        "SELECT meter.record_event_for_org('acme', 'k' || i, 'api.request', now()) FROM generate_series(1, $1) i",
-        &[&n],
-    )
-    .await
-    .unwrap();
+    for org in orgs {
+        db.org(&c, org).await;
+        c.execute(
+            "SELECT meter.record_event_for_org($2, 'k' || i, 'api.request', now()) FROM generate_series(1, $1) i",
+            &[&n, org],
+        )
+        .await
+        .unwrap();
+    }
     (db, c)
 }
 
-async fn verify(c: &Client) -> Option<(i64, String)> {
+/// The first broken link: (organization, row id, problem).
+async fn verify(c: &Client) -> Option<(String, Option<i64>, String)> {
     let r = c
         .query_one(
-            "SELECT b.id, b.problem FROM meter.verify_audit_chain() b",
+            "SELECT b.organization_id, b.id, b.problem FROM meter.verify_audit_chain() b",
             &[],
         )
         .await
         .unwrap();
-    r.get::<_, Option<i64>>(0).map(|id| (id, r.get(1)))
+    r.get::<_, Option<String>>(2)
+        .map(|p| (r.get(0), r.get(1), p))
 }
 
 async fn seal(c: &Client) -> i32 {
@@ -34,41 +39,55 @@ async fn seal(c: &Client) -> i32 {
         .get(0)
 }
 
-#[tokio::test]
-async fn sealing_chains_every_row_and_verify_passes() {
-    let (_db, c) = with_events(20).await;
-    assert_eq!(verify(&c).await, None, "an unsealed tail is not a break");
-    assert_eq!(
-        seal(&c).await,
-        20,
-        "no other writer in this database, so all are final"
-    );
-    assert_eq!(seal(&c).await, 0, "nothing left to seal");
-    assert_eq!(verify(&c).await, None);
-    let unsealed: i64 = c
-        .query_one(
-            "SELECT count(*) FROM meter.audit_log WHERE row_hash IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(unsealed, 0);
-    let linked: bool = c
-        .query_one(
-            "SELECT bool_and(a.prev_hash = b.row_hash) FROM meter.audit_log a
-             JOIN meter.audit_log b ON b.id = (SELECT max(id) FROM meter.audit_log WHERE id < a.id)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(linked, "each row holds its predecessor's hash");
+async fn chain(c: &Client, org: &str) -> Vec<(i64, i64)> {
+    c.query(
+        "SELECT seq, id FROM meter.audit_log WHERE organization_id = $1 AND seq IS NOT NULL ORDER BY seq",
+        &[&org],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
 }
 
 #[tokio::test]
-async fn the_log_is_append_only() {
-    let (_db, c) = with_events(3).await;
+async fn each_organization_gets_a_gapless_chain_of_its_own() {
+    let (_db, c) = with_events(&["acme", "globex"], 20).await;
+    assert_eq!(verify(&c).await, None, "an unsealed tail is not a break");
+    // 20 events + the organization's creation, per organization.
+    assert_eq!(seal(&c).await, 42);
+    assert_eq!(seal(&c).await, 0, "nothing left to seal");
+    assert_eq!(verify(&c).await, None);
+    for org in ["acme", "globex"] {
+        let seqs: Vec<i64> = chain(&c, org).await.iter().map(|x| x.0).collect();
+        assert_eq!(seqs, (1..=21).collect::<Vec<i64>>(), "{org}");
+        let linked: bool = c
+            .query_one(
+                "SELECT bool_and(a.prev_hash = b.row_hash) FROM meter.audit_log a
+                 JOIN meter.audit_log b ON b.organization_id = a.organization_id AND b.seq = a.seq - 1
+                 WHERE a.organization_id = $1",
+                &[&org],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(linked, "each row holds its predecessor's hash");
+    }
+    let heads: i64 = c
+        .query_one(
+            "SELECT count(*) FROM meter.audit_chain WHERE last_seq = 21",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(heads, 2);
+}
+
+#[tokio::test]
+async fn the_log_is_append_only_and_never_truncated() {
+    let (_db, c) = with_events(&["acme"], 3).await;
     seal(&c).await;
     assert_eq!(
         sqlstate(
@@ -83,7 +102,7 @@ async fn the_log_is_append_only() {
     );
     assert_eq!(
         sqlstate(c.execute("TRUNCATE meter.audit_log", &[]).await),
-        "PM040"
+        "PM042"
     );
     // Not even filling in hashes by hand on a sealed row.
     assert_eq!(
@@ -106,56 +125,78 @@ async fn tamper(c: &Client, sql: &str) {
 
 #[tokio::test]
 async fn an_altered_row_is_the_first_broken_link() {
-    let (_db, c) = with_events(10).await;
+    let (_db, c) = with_events(&["acme", "globex"], 10).await;
     seal(&c).await;
+    let victim = chain(&c, "globex").await[5].1;
     tamper(
         &c,
-        "UPDATE meter.audit_log SET detail = detail || '{\"payload_hash\":\"00\"}' WHERE id = 6",
+        &format!("UPDATE meter.audit_log SET detail = detail || '{{\"payload_hash\":\"00\"}}' WHERE organization_id = 'globex' AND id = {victim}"),
     )
     .await;
-    let (id, problem) = verify(&c).await.expect("tampering detected");
-    assert_eq!(id, 6);
+    let (org, id, problem) = verify(&c).await.expect("tampering detected");
+    assert_eq!((org.as_str(), id), ("globex", Some(victim)));
     assert!(problem.contains("altered"), "{problem}");
 }
 
 #[tokio::test]
 async fn a_removed_row_is_detected() {
-    let (_db, c) = with_events(10).await;
+    let (_db, c) = with_events(&["acme"], 10).await;
     seal(&c).await;
-    tamper(&c, "DELETE FROM meter.audit_log WHERE id = 4").await;
-    let (id, problem) = verify(&c).await.expect("removal detected");
-    assert_eq!(id, 5, "the row after the gap no longer links");
-    assert!(problem.contains("removed"), "{problem}");
-
-    let (_db2, c2) = with_events(5).await;
-    seal(&c2).await;
-    tamper(&c2, "DELETE FROM meter.audit_log WHERE id = 5").await;
-    assert_eq!(
-        verify(&c2).await.map(|b| b.0),
-        Some(5),
-        "removing the newest row breaks the head"
-    );
-}
-
-#[tokio::test]
-async fn an_unsealed_row_below_the_frontier_is_an_anomaly() {
-    let (_db, c) = with_events(6).await;
-    seal(&c).await;
+    let rows = chain(&c, "acme").await;
     tamper(
         &c,
-        "UPDATE meter.audit_log SET row_hash = NULL, prev_hash = NULL WHERE id = 3",
+        &format!(
+            "DELETE FROM meter.audit_log WHERE organization_id = 'acme' AND id = {}",
+            rows[3].1
+        ),
     )
     .await;
-    let (id, problem) = verify(&c).await.expect("anomaly detected");
-    assert_eq!(id, 3);
-    assert!(problem.contains("below the sealed frontier"), "{problem}");
+    let (_, id, problem) = verify(&c).await.expect("removal detected");
+    assert_eq!(id, Some(rows[4].1), "the row after the gap no longer links");
+    assert!(problem.contains("removed"), "{problem}");
+
+    let (_db2, c2) = with_events(&["acme"], 5).await;
+    seal(&c2).await;
+    let last = *chain(&c2, "acme").await.last().unwrap();
+    tamper(
+        &c2,
+        &format!(
+            "DELETE FROM meter.audit_log WHERE organization_id = 'acme' AND id = {}",
+            last.1
+        ),
+    )
+    .await;
+    let (_, _, problem) = verify(&c2)
+        .await
+        .expect("removing the newest row is detected");
+    assert!(problem.contains("chain head"), "{problem}");
 }
 
 #[tokio::test]
-async fn the_sealer_waits_for_a_transaction_that_could_hold_a_lower_id() {
-    let (db, c) = with_events(2).await;
-    assert_eq!(seal(&c).await, 2);
-    // Session A takes audit id 3 and stays open; B takes id 4 and commits.
+async fn a_forged_row_after_the_head_is_detected() {
+    let (_db, c) = with_events(&["acme"], 3).await;
+    seal(&c).await;
+    // Extend the chain by hand, correctly hashed, without moving the head.
+    tamper(
+        &c,
+        "INSERT INTO meter.audit_log (organization_id, action, detail) VALUES ('acme', 'event.recorded', '{}');
+         UPDATE meter.audit_log a SET seq = 5, prev_hash = (SELECT last_hash FROM meter.audit_chain WHERE organization_id = 'acme'),
+             row_hash = (meter._audit_chain_hashes((SELECT last_hash FROM meter.audit_chain WHERE organization_id = 'acme'),
+                 ARRAY[meter._audit_text(a.organization_id, 5, a.id, a.action, a.subject, a.detail, a.actor, a.created_at)]))[1]
+         WHERE a.row_hash IS NULL",
+    )
+    .await;
+    let (_, _, problem) = verify(&c)
+        .await
+        .expect("a row the sealer did not make is detected");
+    assert!(problem.contains("chain head"), "{problem}");
+}
+
+#[tokio::test]
+async fn a_writer_holding_an_earlier_id_open_is_chained_after_the_rows_that_committed_first() {
+    let (db, c) = with_events(&["acme"], 2).await;
+    assert_eq!(seal(&c).await, 3);
+    // Session A takes the next audit id and stays open; B takes a later one and commits.
     let a = db.admin().await;
     a.batch_execute("BEGIN; SELECT meter.record_event_for_org('acme', 'slow', 'e', now());")
         .await
@@ -166,34 +207,29 @@ async fn the_sealer_waits_for_a_transaction_that_could_hold_a_lower_id() {
     )
     .await
     .unwrap();
-    assert_eq!(seal(&c).await, 0, "id 4 must wait: A may still commit id 3");
+    assert_eq!(
+        seal(&c).await,
+        1,
+        "B's row is sealed now: nothing waits on A"
+    );
     a.batch_execute("COMMIT").await.unwrap();
-    // The sealer may also wait on unrelated writers of this database (none
-    // here), so poll with a deadline rather than expect one call to do it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut sealed = 0;
-    while sealed < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ids 3 and 4 not sealed in time"
-        );
-        sealed += seal(&c).await;
-    }
-    assert_eq!(sealed, 2);
+    assert_eq!(
+        seal(&c).await,
+        1,
+        "A's row joins the chain when it becomes visible"
+    );
     assert_eq!(verify(&c).await, None);
-    let order: Vec<i64> = c
-        .query("SELECT id FROM meter.audit_log ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(order, vec![1, 2, 3, 4]);
+    let rows = chain(&c, "acme").await;
+    assert_eq!(rows.len(), 5);
+    assert!(
+        rows[4].1 < rows[3].1,
+        "A's lower id comes after B's in the chain: {rows:?}"
+    );
 }
 
 #[tokio::test]
 async fn concurrent_sealers_never_fork_the_chain() {
-    let (db, c) = with_events(300).await;
+    let (db, c) = with_events(&["acme"], 299).await;
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let s = db.admin().await;
@@ -212,4 +248,5 @@ async fn concurrent_sealers_never_fork_the_chain() {
     assert_eq!(sealed, 200);
     while seal(&c).await > 0 {}
     assert_eq!(verify(&c).await, None);
+    assert_eq!(chain(&c, "acme").await.len(), 300);
 }

@@ -228,7 +228,7 @@ async fn last_used_at_is_written_at_most_once_a_minute() {
     let (id, key) = db.key(&c, "acme", &["fence:meter"]).await;
     let last = || async {
         c.query_one(
-            "SELECT last_used_at FROM meter.api_key WHERE id = $1",
+            "SELECT last_used_at FROM meter.list_api_keys('acme') WHERE id = $1",
             &[&id],
         )
         .await
@@ -247,7 +247,7 @@ async fn last_used_at_is_written_at_most_once_a_minute() {
     }
     assert_eq!(last().await, Some(first), "not rewritten within the minute");
     c.execute(
-        "UPDATE meter.api_key SET last_used_at = now() - interval '61 seconds' WHERE id = $1",
+        "UPDATE meter.api_key_usage SET last_used_at = now() - interval '61 seconds' WHERE api_key_id = $1",
         &[&id],
     )
     .await
@@ -356,15 +356,15 @@ async fn rotation_hands_over_to_a_new_key_within_the_grace() {
         ),
         (
             format!("SELECT * FROM meter.rotate_api_key('{short_id}', interval '31 days')"),
-            "PM034",
+            "PM037",
         ),
         (
             format!("SELECT * FROM meter.rotate_api_key('{short_id}', interval '-1 second')"),
-            "PM034",
+            "PM037",
         ),
         (
             format!("SELECT * FROM meter.rotate_api_key('{short_id}', NULL)"),
-            "PM034",
+            "PM037",
         ),
     ] {
         assert_eq!(sqlstate(c.query(&sql, &[]).await), code, "{sql}");

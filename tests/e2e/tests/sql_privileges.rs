@@ -31,7 +31,10 @@ async fn the_sidecar_role_executes_functions_but_touches_no_table() {
     )
     .await
     .unwrap();
-    side.query("SELECT * FROM meter.drain_meter_outbox()", &[])
+    side.query("SELECT * FROM meter.due_organizations()", &[])
+        .await
+        .unwrap();
+    side.query("SELECT * FROM meter.claim_events('acme')", &[])
         .await
         .unwrap();
 
@@ -53,6 +56,12 @@ async fn the_sidecar_role_executes_functions_but_touches_no_table() {
         "SELECT * FROM meter.rotate_api_key(gen_random_uuid())",
         "SELECT * FROM meter.record_event_for_org('acme', 'x', 'e', now())",
         "SELECT meter.set_schedule('drain', '* * * * *')",
+        "SELECT meter.set_setting('max_future_skew', '1 hour')",
+        "SELECT meter.drain_meter_outbox()",
+        "SELECT meter.requeue_dropped()",
+        "SELECT meter.upsert_organization('evil', 'Evil', 'evil@example.org')",
+        "SELECT meter._audit('acme', 'forged', NULL, '{}')",
+        "SELECT meter._alert('drift', 'acme', '{}')",
         "SELECT nextval('meter.audit_log_id_seq')",
     ] {
         assert_eq!(sqlstate(side.query(sql, &[]).await), "42501", "{sql}");

@@ -3,7 +3,7 @@ use pm_e2e::{sqlstate, TestDb};
 use serde_json::json;
 
 #[tokio::test]
-async fn backoff_delay_doubles_with_jitter_and_honours_the_gucs() {
+async fn backoff_delay_doubles_with_jitter_and_honours_the_settings() {
     let db = TestDb::new().await;
     let c = db.admin().await;
     let secs = |sql: &'static str| {
@@ -45,7 +45,16 @@ async fn backoff_delay_doubles_with_jitter_and_honours_the_gucs() {
         lo >= 90.0 && hi <= 150.0 && hi - lo > 40.0,
         "default jitter spreads 120s by ±25%: {lo}..{hi}"
     );
-    c.batch_execute("SET polar_meter.backoff_base = '100 milliseconds'; SET polar_meter.backoff_cap = '1 second'").await.unwrap();
+    // A session's own GUC means nothing now: only meter.set_setting does.
+    c.batch_execute("SET polar_meter.backoff_base = '100 milliseconds'")
+        .await
+        .unwrap();
+    assert_eq!(
+        secs("SELECT extract(epoch FROM meter.backoff_delay(1, 0.5))::float8").await,
+        60.0
+    );
+    db.set(&c, "backoff_base", "100 milliseconds").await;
+    db.set(&c, "backoff_cap", "1 second").await;
     assert_eq!(
         secs("SELECT extract(epoch FROM meter.backoff_delay(1, 0.5))::float8").await,
         0.1
@@ -81,7 +90,7 @@ async fn compute_drift_from_sql() {
             c.query_one("SELECT meter.compute_drift('[]', '{}')", &[])
                 .await
         ),
-        "PM034"
+        "PM063"
     );
     let empty: serde_json::Value = c
         .query_one("SELECT meter.compute_drift(NULL, NULL)", &[])
@@ -134,6 +143,6 @@ async fn reconcile_opens_a_lagged_run() {
             )
             .await
         ),
-        "PM034"
+        "PM060"
     );
 }

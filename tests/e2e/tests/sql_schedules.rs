@@ -44,7 +44,7 @@ async fn jobs_exist_in_the_cron_database_and_can_be_rescheduled() {
             c.query_one("SELECT meter.set_schedule('nope', '* * * * *')", &[])
                 .await
         ),
-        "PM034"
+        "PM070"
     );
     // pg_cron refuses what it cannot run; the error surfaces unchanged.
     assert!(c

@@ -1,12 +1,15 @@
-//! ALTER EXTENSION polar_meter UPDATE from the previous release. The 0.1.0
-//! install script is frozen in tests/upgrade/ (scripts/test.sh installs it
+//! ALTER EXTENSION polar_meter UPDATE from every earlier release. Their
+//! install scripts are frozen in tests/upgrade/ (scripts/test.sh installs them
 //! beside the current one). An upgraded database must be indistinguishable
-//! from a fresh install, and keep every record working.
+//! from a fresh install, and keep every record working; a database still on
+//! the previous release's catalog must also keep working on this library
+//! until it is upgraded (extension/src/compat.rs).
 use pm_e2e::{connect, sqlstate};
 use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
-const PREVIOUS: &str = "0.1.0";
+const PREVIOUS: &str = "0.2.0";
+const RELEASES: [&str; 2] = ["0.1.0", "0.2.0"];
 
 /// A database without the extension, created with it at `version` (None:
 /// the default, i.e. current, version).
@@ -74,37 +77,39 @@ async fn catalog(c: &Client) -> BTreeSet<String> {
 }
 
 #[tokio::test]
-async fn the_previous_release_upgrades_to_exactly_a_fresh_install() {
+async fn every_release_upgrades_to_exactly_a_fresh_install() {
     let (_, fresh) = database_with(None).await;
-    let (_, upgraded) = database_with(Some(PREVIOUS)).await;
-    let before = catalog(&upgraded).await;
-    upgraded
-        .batch_execute("ALTER EXTENSION polar_meter UPDATE")
-        .await
-        .unwrap();
-    let version: String = upgraded
-        .query_one("SELECT meter.extension_version()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(version, env!("CARGO_PKG_VERSION"));
-
-    let (want, got) = (catalog(&fresh).await, catalog(&upgraded).await);
+    let want = catalog(&fresh).await;
     assert!(
         want.len() > 100,
         "the comparison sees the objects: {}",
         want.len()
     );
-    assert_ne!(
-        before, want,
-        "the versions differ, so the script had work to do"
-    );
-    let missing: Vec<_> = want.difference(&got).collect();
-    let extra: Vec<_> = got.difference(&want).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "upgraded database differs from a fresh install:\nmissing {missing:#?}\nextra {extra:#?}"
-    );
+    for release in RELEASES {
+        let (_, upgraded) = database_with(Some(release)).await;
+        let before = catalog(&upgraded).await;
+        upgraded
+            .batch_execute("ALTER EXTENSION polar_meter UPDATE")
+            .await
+            .unwrap();
+        let version: String = upgraded
+            .query_one("SELECT meter.extension_version()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        let got = catalog(&upgraded).await;
+        assert_ne!(
+            before, want,
+            "{release} differs, so the scripts had work to do"
+        );
+        let missing: Vec<_> = want.difference(&got).collect();
+        let extra: Vec<_> = got.difference(&want).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{release} upgraded differs from a fresh install:\nmissing {missing:#?}\nextra {extra:#?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -129,9 +134,39 @@ async fn records_made_before_the_upgrade_keep_working_after_it() {
         .await
         .unwrap()
         .get(0);
-    c.batch_execute("SELECT meter.seal_audit_log(); ALTER EXTENSION polar_meter UPDATE")
+    // One row sealed into the old global chain, one still unsealed at the
+    // upgrade; a tunable set the old way, for this database.
+    c.batch_execute("SELECT meter.seal_audit_log()")
         .await
         .unwrap();
+    c.query_one(
+        "SELECT event_id FROM meter.record_event($1, 'k0', 'api.request', now(), '{}')",
+        &[&key],
+    )
+    .await
+    .unwrap();
+    c.batch_execute(&format!(
+        "ALTER DATABASE {name} SET polar_meter.max_future_skew = '10 seconds'"
+    ))
+    .await
+    .unwrap();
+    drop(c);
+    let c = connect(&name, "postgres").await;
+    c.batch_execute("ALTER EXTENSION polar_meter UPDATE")
+        .await
+        .unwrap();
+    let skew: String = c
+        .query_one(
+            "SELECT value FROM meter.settings() WHERE name = 'max_future_skew'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        skew, "10 seconds",
+        "the old GUC moved into meter.setting_value"
+    );
     drop(c);
 
     // A new session, as the sidecar would open after the upgrade: the old
@@ -175,11 +210,45 @@ async fn records_made_before_the_upgrade_keep_working_after_it() {
         .await
         .unwrap();
     let broken = c
-        .query_one("SELECT * FROM meter.verify_audit_chain()", &[])
+        .query_one("SELECT problem FROM meter.verify_audit_chain()", &[])
         .await
         .unwrap();
+    assert_eq!(
+        broken.get::<_, Option<String>>(0),
+        None,
+        "the audit chain spans the upgrade unbroken: the frozen global chain, then the organization's"
+    );
+    let (legacy, chained): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE seq IS NULL AND row_hash IS NOT NULL), count(*) FILTER (WHERE seq IS NOT NULL)
+                 FROM meter.audit_log",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(legacy, 2, "the key and the first event, sealed by 0.2");
     assert!(
-        broken.get::<_, Option<i64>>(0).is_none(),
-        "the audit chain spans the upgrade unbroken"
+        chained >= 3,
+        "the row unsealed at the upgrade joined the organization's chain"
+    );
+    // The frozen segment is still checked.
+    c.batch_execute(
+        "ALTER TABLE meter.audit_log DISABLE TRIGGER USER;
+         UPDATE meter.audit_log SET detail = '{}' WHERE id = (SELECT min(id) FROM meter.audit_log);
+         ALTER TABLE meter.audit_log ENABLE TRIGGER USER;",
+    )
+    .await
+    .unwrap();
+    let broken: Option<String> = c
+        .query_one("SELECT problem FROM meter.verify_audit_chain()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        broken.is_some_and(|p| p.contains("altered")),
+        "tampering in the legacy segment is found"
     );
 }

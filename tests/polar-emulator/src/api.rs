@@ -175,7 +175,11 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Outcome::Respond(unauthorized());
         }
-        match store.lock().unwrap().tokens.get(token.trim()) {
+        let s = store.lock().unwrap();
+        match s.tokens.get(token.trim()) {
+            Some(_) if s.faults.reject_token && s.faults.applies(req.method().as_str(), path) => {
+                return Outcome::Respond(invalid_token())
+            }
             Some(g) => g.clone(),
             None => return Outcome::Respond(invalid_token()),
         }
@@ -190,7 +194,12 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
             r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait));
             return Outcome::Respond(r);
         }
-        s.faults.clone()
+        let f = s.faults.clone();
+        if f.applies(req.method().as_str(), path) {
+            f
+        } else {
+            Faults::default()
+        }
     };
     if let Some(needed) = scopes_needed(req.method(), path) {
         if !grant.allows(needed) {
@@ -204,10 +213,13 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
         return Outcome::Respond(r);
     }
     if rand01() < faults.error_5xx {
-        let code = if rand01() < 0.5 {
-            StatusCode::INTERNAL_SERVER_ERROR
-        } else {
-            StatusCode::BAD_GATEWAY
+        let code = match faults
+            .error_status
+            .and_then(|c| StatusCode::from_u16(c).ok())
+        {
+            Some(c) => c,
+            None if rand01() < 0.5 => StatusCode::INTERNAL_SERVER_ERROR,
+            None => StatusCode::BAD_GATEWAY,
         };
         return Outcome::Respond(json_resp(
             code,
@@ -543,6 +555,15 @@ async fn create_customer(store: &Shared, org: uuid::Uuid, req: Request<Incoming>
     if kind == "team" && email.is_none() && v.get("owner").is_none_or(Value::is_null) {
         schema_errors.push(json!({"type": "value_error", "loc": ["body", "team"], "msg": "Value error, owner is required when email is not set.", "input": v}));
     }
+    if let Some(owner) = v.get("owner").filter(|o| !o.is_null()) {
+        if owner
+            .get("email")
+            .and_then(Value::as_str)
+            .is_none_or(|e| !e.contains('@'))
+        {
+            schema_errors.push(json!({"type": "missing", "loc": ["body", kind, "owner", "email"], "msg": "Field required", "input": owner}));
+        }
+    }
     if name.as_ref().is_some_and(|n| n.chars().count() > 256) {
         schema_errors.push(json!({"type": "string_too_long", "loc": ["body", kind, "name"], "msg": "String should have at most 256 characters", "input": name}));
     }
@@ -630,6 +651,28 @@ async fn update_customer(
         c.name = Some(n.to_string());
     }
     c.modified_at = Some(Utc::now());
+    if let Some(e) = v.get("email").and_then(Value::as_str) {
+        let me = c.id;
+        let taken = o
+            .customers
+            .iter()
+            .any(|x| x.id != me && x.email.as_ref().is_some_and(|m| m.eq_ignore_ascii_case(e)));
+        if taken {
+            return validation(
+                "PolarRequestValidationError",
+                vec![
+                    json!({"type": "value_error", "loc": ["body", "email"], "msg": "A customer with this email address already exists.", "input": e}),
+                ],
+            );
+        }
+        let c = o
+            .customers
+            .iter_mut()
+            .find(|c| c.id == me)
+            .expect("found above");
+        c.email = Some(e.to_string());
+        return json_resp(StatusCode::OK, &customer_json(c));
+    }
     let out = customer_json(c);
     json_resp(StatusCode::OK, &out)
 }

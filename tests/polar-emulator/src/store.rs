@@ -49,6 +49,22 @@ pub struct Faults {
     pub commit_then_drop: f64,
     #[serde(default)]
     pub delay_ms: u64,
+    /// The status of an injected 5xx (default: 500 or 502 at random).
+    #[serde(default)]
+    pub error_status: Option<u16>,
+    /// Answer every API call 401 invalid_token, as Polar does for a revoked token.
+    #[serde(default)]
+    pub reject_token: bool,
+    /// When not empty, faults apply only to calls whose "METHOD path" starts with one of these.
+    #[serde(default)]
+    pub only: Vec<String>,
+}
+
+impl Faults {
+    pub fn applies(&self, method: &str, path: &str) -> bool {
+        let call = format!("{method} {path}");
+        self.only.is_empty() || self.only.iter().any(|p| call.starts_with(p.as_str()))
+    }
 }
 
 /// What one organization access token may do.

@@ -1,0 +1,246 @@
+//! Recording, over the extension's set-based meter.record_events.
+//!
+//! Single-event requests are group-committed: requests with the same API key
+//! (so the same organization, and under Citus the same shard) queue up, and
+//! while up to POLAR_METER_GROUP_COMMIT_CONCURRENCY calls for that key are in
+//! flight, new requests wait to ride in the next call. Nobody waits on a
+//! timer: at low load each request is its own call; under load a call
+//! carries everything that arrived during the previous one. Each request is
+//! answered only after the commit that holds its event; an item the database
+//! refuses fails alone; requests held in memory are bounded
+//! (POLAR_METER_MAX_PENDING_EVENTS, then 503).
+use deadpool_postgres::Pool;
+use polar_meter_rules::batch::MAX_EVENTS;
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+use crate::db::DbError;
+use crate::metrics::Metrics;
+use crate::problem::Problem;
+
+const RECORD_EVENTS: &str =
+    "SELECT idx, status, event_id, sqlstate, message FROM meter.record_events($1::text, $2::jsonb)";
+
+/// An event the database accepted: recorded now, or already recorded.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub status: String,
+    pub event_id: uuid::Uuid,
+}
+
+pub type Outcome = Result<Recorded, Problem>;
+
+struct Item {
+    event: Value,
+    answer: oneshot::Sender<Outcome>,
+}
+
+#[derive(Default)]
+struct KeyQueue {
+    waiting: VecDeque<Item>,
+    running: usize,
+}
+
+pub struct Recorder {
+    pool: Pool,
+    concurrency: usize,
+    max_pending: usize,
+    pending: AtomicUsize,
+    queues: Mutex<HashMap<String, KeyQueue>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Errors that are the same for every item of a call: the key (shared by
+/// all), or the database being away or wrong.
+fn whole_call(e: &DbError) -> bool {
+    match e {
+        DbError::Unavailable(_) | DbError::Internal(_) => true,
+        DbError::Sql { code, .. } => matches!(
+            code.as_str(),
+            "PM001" | "PM002" | "PM003" | "PM004" | "PM005" | "PM006" | "PM016"
+        ),
+    }
+}
+
+impl Recorder {
+    pub fn new(
+        pool: Pool,
+        concurrency: usize,
+        max_pending: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Recorder {
+            pool,
+            concurrency: concurrency.max(1),
+            max_pending: max_pending.max(1),
+            pending: AtomicUsize::new(0),
+            queues: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// One meter.record_events call: a result per event, in order.
+    async fn call(&self, key: &str, events: &[Value]) -> Result<Vec<Outcome>, DbError> {
+        let c = self.pool.get().await?;
+        let stmt = c.prepare_cached(RECORD_EVENTS).await?;
+        let rows = c
+            .query(&stmt, &[&key, &Value::Array(events.to_vec())])
+            .await?;
+        if rows.len() != events.len() {
+            return Err(DbError::Internal(format!(
+                "record_events answered {} rows for {} events",
+                rows.len(),
+                events.len()
+            )));
+        }
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let status: String = r.get(1);
+                match r.get::<_, Option<uuid::Uuid>>(2) {
+                    Some(event_id) if status != "error" => Ok(Recorded { status, event_id }),
+                    _ => {
+                        let code: Option<String> = r.get(3);
+                        let message: Option<String> = r.get(4);
+                        Err(Problem::from_sql(
+                            code.as_deref().unwrap_or("XX000"),
+                            message.as_deref().unwrap_or(""),
+                        ))
+                    }
+                }
+            })
+            .collect())
+    }
+
+    /// Records events in one call; if that call fails as a whole for a reason
+    /// that is not the same for every item, each item is tried alone, so one
+    /// bad item (say, a value PostgreSQL cannot store) fails alone.
+    pub async fn record(&self, key: &str, events: Vec<Value>) -> Vec<Outcome> {
+        let n = events.len();
+        let out = match self.call(key, &events).await {
+            Ok(rows) => rows,
+            Err(e) if whole_call(&e) || n == 1 => {
+                log_db(&e);
+                vec![Err(Problem::from_db(&e)); n]
+            }
+            Err(e) => {
+                tracing::info!(error = %e, events = n, "a batch failed as a whole; recording its events one by one");
+                let mut out = Vec::with_capacity(n);
+                for ev in events {
+                    out.push(match self.call(key, std::slice::from_ref(&ev)).await {
+                        Ok(mut r) => r.pop().unwrap_or_else(|| Err(Problem::internal())),
+                        Err(e) => {
+                            log_db(&e);
+                            Err(Problem::from_db(&e))
+                        }
+                    });
+                }
+                out
+            }
+        };
+        for r in out.iter().flatten() {
+            let counter = if r.status == "recorded" {
+                &self.metrics.events_recorded
+            } else {
+                &self.metrics.events_already_recorded
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Records one event through the key's group commit.
+    pub async fn record_one(self: &Arc<Self>, key: String, event: Value) -> Outcome {
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(Problem::overloaded());
+        }
+        let (tx, rx) = oneshot::channel();
+        let lead = {
+            let mut q = self.queues.lock().unwrap();
+            let kq = q.entry(key.clone()).or_default();
+            kq.waiting.push_back(Item { event, answer: tx });
+            if kq.running < self.concurrency {
+                kq.running += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if lead {
+            // A task of its own: the commit goes on even if this client leaves.
+            let me = self.clone();
+            tokio::spawn(async move { me.flush(key).await });
+        }
+        rx.await.unwrap_or_else(|_| Err(Problem::internal()))
+    }
+
+    async fn flush(self: Arc<Self>, key: String) {
+        loop {
+            let items: Vec<Item> = {
+                let mut q = self.queues.lock().unwrap();
+                let Some(kq) = q.get_mut(&key) else { return };
+                if kq.waiting.is_empty() {
+                    kq.running -= 1;
+                    if kq.running == 0 {
+                        q.remove(&key);
+                    }
+                    return;
+                }
+                let n = kq.waiting.len().min(MAX_EVENTS);
+                kq.waiting.drain(..n).collect()
+            };
+            let (events, answers): (Vec<Value>, Vec<oneshot::Sender<Outcome>>) =
+                items.into_iter().map(|i| (i.event, i.answer)).unzip();
+            self.metrics.group_commits.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .group_commit_events
+                .fetch_add(events.len() as u64, Ordering::Relaxed);
+            let results = self.record(&key, events).await;
+            self.pending.fetch_sub(answers.len(), Ordering::AcqRel);
+            for (answer, r) in answers.into_iter().zip(results) {
+                let _ = answer.send(r);
+            }
+        }
+    }
+}
+
+fn log_db(e: &DbError) {
+    if !matches!(e, DbError::Sql { .. }) {
+        // PostgreSQL's or the pool's message; neither carries secrets.
+        tracing::warn!(error = %e, "database call failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_errors_and_outages_are_the_same_for_every_item() {
+        for code in [
+            "PM001", "PM002", "PM003", "PM004", "PM005", "PM006", "PM016",
+        ] {
+            assert!(
+                whole_call(&DbError::Sql {
+                    code: code.into(),
+                    message: String::new()
+                }),
+                "{code}"
+            );
+        }
+        for code in ["PM010", "PM013", "PM020", "22P05", "22021"] {
+            assert!(
+                !whole_call(&DbError::Sql {
+                    code: code.into(),
+                    message: String::new()
+                }),
+                "{code}"
+            );
+        }
+        assert!(whole_call(&DbError::Unavailable("x".into())));
+    }
+}

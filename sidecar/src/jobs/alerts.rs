@@ -1,0 +1,107 @@
+//! Forwarding alerts: claim alert rows (each goes to one sidecar), log each as
+//! a structured warning, POST it to ALERT_WEBHOOK_URL, and report the result.
+//! Delivery to the webhook is at least once: a sidecar that dies between the
+//! POST and the report leaves the alert to be claimed again when its lease
+//! ends, with the same dedup_key. Without a webhook the log is the delivery.
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+use super::{JobError, Jobs};
+
+pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("polar-meterd/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("http client");
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if let Err(e) = forward_due(&jobs, &http).await {
+            tracing::warn!(error = %e, "forwarding alerts failed");
+        }
+        if !jobs.wait(&jobs.wake.alerts, jobs.s.poll, &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// The JSON body the webhook receives (README, "Alerts").
+pub fn webhook_body(row: &tokio_postgres::Row) -> Value {
+    let (org, id, kind, dedup_key): (String, i64, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let raised_at: chrono::DateTime<chrono::Utc> = row.get(4);
+    let (detail, attempt): (Value, i32) = (row.get(5), row.get(6));
+    json!({
+        "source": "polar-meter",
+        "alert_id": format!("{org}/{id}"),
+        "dedup_key": dedup_key,
+        "kind": kind,
+        "organization_id": org,
+        "raised_at": raised_at,
+        "attempt": attempt,
+        "detail": detail,
+    })
+}
+
+async fn forward_due(jobs: &Jobs, http: &reqwest::Client) -> Result<(), JobError> {
+    loop {
+        let rows = {
+            let c = jobs.pool.get().await?;
+            c.query(
+                "SELECT organization_id, alert_id, kind, dedup_key, raised_at, detail, attempts
+                 FROM meter.claim_alerts(100, '1 minute')",
+                &[],
+            )
+            .await?
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let url = jobs.webhook.read().unwrap().clone();
+        for row in rows {
+            let body = webhook_body(&row);
+            let (org, id): (String, i64) = (row.get(0), row.get(1));
+            tracing::warn!(kind = %body["kind"], organization_id = %org, alert_id = %body["alert_id"],
+                dedup_key = %body["dedup_key"], detail = %body["detail"], "alert");
+            let result = match &url {
+                None => Ok(()),
+                Some(url) => match http.post(url).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => Ok(()),
+                    Ok(r) => Err(format!("webhook answered HTTP {}", r.status().as_u16())),
+                    Err(e) => Err(format!("webhook unreachable: {}", e.without_url())),
+                },
+            };
+            let c = jobs.pool.get().await?;
+            match result {
+                Ok(()) => {
+                    c.query_one("SELECT meter.alert_forwarded($1, $2)", &[&org, &id])
+                        .await?;
+                    jobs.metrics
+                        .alerts_forwarded
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let status: Option<String> = c
+                        .query_one(
+                            "SELECT meter.alert_forward_failed($1, $2, $3)",
+                            &[&org, &id, &e],
+                        )
+                        .await?
+                        .get(0);
+                    jobs.metrics
+                        .alert_forward_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(alert_id = %body["alert_id"], error = %e, status = status.as_deref().unwrap_or("?"),
+                        "alert not forwarded; it is retried");
+                }
+            }
+        }
+    }
+}

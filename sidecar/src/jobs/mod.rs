@@ -1,0 +1,165 @@
+//! The background jobs: each one job, each woken by its NOTIFY channel, a
+//! timer, and every reconnect, because NOTIFY is only a hint (its payload is
+//! never read) and the work itself lives in tables.
+//!   listener  LISTEN, and wake-up flags (coalesced: one pending per job)
+//!   drain     claim due events per organization, send them, report outcomes
+//!   provision create or update organizations' Polar customers
+//!   reconcile work reconcile runs (counts, listings, the verdict)
+//!   alerts    forward alert rows to the webhook
+//!   probe     while Polar is unavailable: alert, check, resume
+//!   stats     read the outbox's figures for /metrics
+pub mod alerts;
+pub mod drain;
+pub mod listener;
+pub mod probe;
+pub mod provision;
+pub mod reconcile;
+pub mod stats;
+
+use deadpool_postgres::Pool;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+use crate::db::{DbError, Target};
+use crate::metrics::Metrics;
+use crate::polar::{Budget, Client, Health};
+
+/// What went wrong in a job: worth retrying soon (the database or Polar was
+/// away), or not until something changes (a refusal, our own mistake).
+#[derive(Debug)]
+pub enum JobError {
+    Retryable(String),
+    Permanent(String),
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Retryable(m) => write!(f, "{m} (will retry)"),
+            JobError::Permanent(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<DbError> for JobError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(_) => JobError::Retryable(e.to_string()),
+            other => JobError::Permanent(other.to_string()),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for JobError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::from(e).into()
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for JobError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        DbError::from(e).into()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub batch_size: i32,
+    pub lease: Duration,
+    pub poll: Duration,
+    pub probe: Duration,
+    pub stats: Duration,
+}
+
+/// One flag per job: a wake-up while the job is busy is remembered once,
+/// however many arrive (tokio's Notify keeps a single permit).
+#[derive(Default)]
+pub struct Wakeups {
+    pub drain: Notify,
+    pub provision: Notify,
+    pub reconcile: Notify,
+    pub alerts: Notify,
+    pub probe: Notify,
+}
+
+impl Wakeups {
+    pub fn all(&self) {
+        self.drain.notify_one();
+        self.provision.notify_one();
+        self.reconcile.notify_one();
+        self.alerts.notify_one();
+    }
+}
+
+/// What every job shares.
+pub struct Jobs {
+    pub pool: Pool,
+    pub target: Arc<Target>,
+    pub polar: Option<Arc<Client>>,
+    pub budget: Budget,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub webhook: RwLock<Option<String>>,
+    pub s: Settings,
+    pub wake: Wakeups,
+}
+
+impl Jobs {
+    /// Waits for a wake-up or the poll interval; false when stopping.
+    pub async fn wait(
+        &self,
+        what: &Notify,
+        every: Duration,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        tokio::select! {
+            _ = what.notified() => true,
+            _ = tokio::time::sleep(every) => true,
+            _ = stop.changed() => false,
+        }
+    }
+
+    pub fn lease_text(&self) -> String {
+        format!("{} seconds", self.s.lease.as_secs())
+    }
+
+    /// Runs one outcome report until the database takes it: the lease keeps
+    /// others off these rows meanwhile, so a blip must not lose the outcome.
+    pub async fn report<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, JobError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, JobError>>,
+    {
+        let mut tries = 0u32;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(JobError::Retryable(e)) if tries < 20 => {
+                    tries += 1;
+                    tracing::warn!(error = %e, what, "reporting to the database failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * u64::from(tries))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Spawns every job; they stop when `stop` turns true.
+pub fn spawn(jobs: Arc<Jobs>, stop: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut handles = vec![
+        tokio::spawn(listener::run(jobs.clone(), stop.clone())),
+        tokio::spawn(alerts::run(jobs.clone(), stop.clone())),
+        tokio::spawn(stats::run(jobs.clone(), stop.clone())),
+    ];
+    if jobs.polar.is_some() {
+        handles.extend([
+            tokio::spawn(probe::run(jobs.clone(), stop.clone())),
+            tokio::spawn(drain::run(jobs.clone(), stop.clone())),
+            tokio::spawn(provision::run(jobs.clone(), stop.clone())),
+            tokio::spawn(reconcile::run(jobs.clone(), stop.clone())),
+        ]);
+    }
+    handles
+}

@@ -1,0 +1,275 @@
+//! Reconcile runs: claim one (owned through its row under a lease), ask
+//! Polar what the database plans (counts per customer and event name, then
+//! listings where counts differ; or the whole window's listing for a full
+//! run), hand every answer back as it comes, and let the database compare.
+//! An interrupted run resumes where it stopped. A failing Polar makes the
+//! run fail a try (reconcile_failed: bounded, then reconcile_failing); an
+//! unavailable Polar leaves it to its lease, tries untouched.
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+use super::{JobError, Jobs};
+use crate::polar::client::EventQuery;
+use crate::polar::{Answer, Failure};
+
+const PAGE: u64 = 100;
+const LEASE: &str = "5 minutes";
+
+pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        loop {
+            match reconcile_next(&jobs, None, &NoProgress).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconciliation failed");
+                    break;
+                }
+            }
+        }
+        if !jobs
+            .wait(&jobs.wake.reconcile, jobs.s.poll, &mut stop)
+            .await
+        {
+            return;
+        }
+    }
+}
+
+/// Where a long run reports how far it got (the CLI shows it on a terminal).
+pub trait Progress: Sync {
+    fn step(&self, what: &str);
+}
+
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn step(&self, _: &str) {}
+}
+
+enum Stop {
+    /// Polar is unavailable: leave the run to its lease.
+    Paused,
+    /// This try failed: record it.
+    Failed(String),
+}
+
+/// Asks Polar, retrying its 429s, pausing on a systemic failure.
+async fn ask<T, F, Fut>(jobs: &Jobs, mut call: F) -> Result<Result<T, Stop>, JobError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Answer<T>>,
+{
+    let mut limited = 0;
+    loop {
+        jobs.budget.acquire().await?;
+        match call().await {
+            Answer::Ok(v) => {
+                jobs.health.success();
+                return Ok(Ok(v));
+            }
+            Answer::RateLimited(wait) if limited < 10 => {
+                jobs.health.success();
+                limited += 1;
+                jobs.budget.pause(wait).await?;
+            }
+            Answer::RateLimited(_) => {
+                return Ok(Err(Stop::Failed("rate limited too often".into())))
+            }
+            Answer::Failed(Failure::Systemic(cause)) => {
+                if jobs.health.systemic(&cause) {
+                    jobs.wake.probe.notify_one();
+                }
+                return Ok(Err(Stop::Paused));
+            }
+            Answer::Failed(Failure::Transient(cause)) => {
+                if jobs.health.transient(&cause) {
+                    jobs.wake.probe.notify_one();
+                    return Ok(Err(Stop::Paused));
+                }
+                return Ok(Err(Stop::Failed(cause)));
+            }
+        }
+    }
+}
+
+fn fmt(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Works one run (the oldest due, or `only`) to its verdict. Returns the
+/// result, or None when no run was due (or Polar is unavailable).
+pub async fn reconcile_next(
+    jobs: &Jobs,
+    only: Option<i64>,
+    progress: &dyn Progress,
+) -> Result<Option<Value>, JobError> {
+    if jobs.health.is_paused() {
+        return Ok(None);
+    }
+    let run = {
+        let c = jobs.pool.get().await?;
+        c.query_opt(
+            "SELECT run_id, window_start, window_end, pages_done, mode FROM meter.claim_reconcile_run($1::text::interval, $2)",
+            &[&LEASE, &only],
+        )
+        .await?
+    };
+    let Some(run) = run else { return Ok(None) };
+    let (id, start, end, mode): (
+        i64,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+        String,
+    ) = (run.get(0), run.get(1), run.get(2), run.get(4));
+    // Polar's bounds are exclusive: a microsecond earlier makes [start, end).
+    let (from, to) = (fmt(start - chrono::Duration::microseconds(1)), fmt(end));
+    tracing::info!(run_id = id, window_start = %fmt(start), window_end = %to, mode, "reconciling");
+    match work(jobs, id, &mode, &from, &to, progress).await? {
+        Ok(()) => {}
+        Err(Stop::Paused) => {
+            tracing::warn!(
+                run_id = id,
+                "Polar is unavailable: the run waits (its lease lapses, its tries are untouched)"
+            );
+            return Ok(None);
+        }
+        Err(Stop::Failed(e)) => {
+            let c = jobs.pool.get().await?;
+            let status: Option<String> = c
+                .query_one("SELECT meter.reconcile_failed($1, $2)", &[&id, &e])
+                .await?
+                .get(0);
+            return Err(JobError::Retryable(format!(
+                "reconcile run {id}: {e} (now {})",
+                status.as_deref().unwrap_or("not running")
+            )));
+        }
+    }
+    progress.step(&format!("run {id}: comparing"));
+    let result: Value = {
+        let c = jobs.pool.get().await?;
+        c.query_one("SELECT meter.reconcile_finish($1)", &[&id])
+            .await?
+            .get(0)
+    };
+    let (drift, missing, unexpected) = (
+        result["drift"].as_i64().unwrap_or(0),
+        result["missing_at_polar"]["count"].as_i64().unwrap_or(0),
+        result["unexpected_at_polar"]["count"].as_i64().unwrap_or(0),
+    );
+    if drift > 0 || missing > 0 || unexpected > 0 {
+        tracing::warn!(run_id = id, drift, missing, unexpected, healed = %result["healed"],
+            max_customer_drift_ratio = %result["max_customer_drift_ratio"], backlog = %result["backlog"],
+            "reconciliation found drift");
+    } else {
+        tracing::info!(run_id = id, mode = %result["mode"], local_sent = %result["local_sent"], healed = %result["healed"],
+            pairs_listed = %result["pairs_listed"], backlog = %result["backlog"], "reconciliation clean");
+    }
+    Ok(Some(result))
+}
+
+async fn work(
+    jobs: &Jobs,
+    id: i64,
+    mode: &str,
+    from: &str,
+    to: &str,
+    progress: &dyn Progress,
+) -> Result<Result<(), Stop>, JobError> {
+    let polar = jobs
+        .polar
+        .as_ref()
+        .expect("reconcile runs with a Polar client");
+    if mode == "counts" {
+        let plan = {
+            let c = jobs.pool.get().await?;
+            c.query(
+                "SELECT organization_id, event_name, remote FROM meter.reconcile_count_plan($1)",
+                &[&id],
+            )
+            .await?
+        };
+        let todo: Vec<(Option<String>, Option<String>)> = plan
+            .iter()
+            .filter(|r| r.get::<_, Option<i64>>(2).is_none())
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut counted = Vec::new();
+        for (i, (org, name)) in todo.iter().enumerate() {
+            let q = EventQuery {
+                start: from,
+                end: to,
+                customer: org.as_deref(),
+                name: name.as_deref(),
+            };
+            let qr = &q;
+            let n = match ask(jobs, move || polar.count_events(qr)).await? {
+                Ok(n) => n,
+                Err(stop) => return Ok(Err(stop)),
+            };
+            counted.push(json!({"organization_id": org, "event_name": name, "remote": n}));
+            if counted.len() >= 50 || i + 1 == todo.len() {
+                let c = jobs.pool.get().await?;
+                c.query_one(
+                    "SELECT meter.reconcile_add_counts($1, $2)",
+                    &[&id, &Value::Array(std::mem::take(&mut counted))],
+                )
+                .await?;
+                progress.step(&format!(
+                    "run {id}: counted {} of {} pairs",
+                    i + 1,
+                    todo.len()
+                ));
+            }
+        }
+    }
+    let listings = {
+        let c = jobs.pool.get().await?;
+        c.query(
+            "SELECT organization_id, event_name, pages_done FROM meter.reconcile_list_plan($1)",
+            &[&id],
+        )
+        .await?
+    };
+    for (n, l) in listings.iter().enumerate() {
+        let (org, name, done): (Option<String>, Option<String>, i32) =
+            (l.get(0), l.get(1), l.get(2));
+        let q = EventQuery {
+            start: from,
+            end: to,
+            customer: org.as_deref(),
+            name: name.as_deref(),
+        };
+        let mut page = done as u64 + 1;
+        loop {
+            let qr = &q;
+            let p = match ask(jobs, move || polar.list_events(qr, page, PAGE)).await? {
+                Ok(p) => p,
+                Err(stop) => return Ok(Err(stop)),
+            };
+            if !p.items.is_empty() {
+                let c = jobs.pool.get().await?;
+                c.query_one(
+                    "SELECT meter.reconcile_add_remote($1, $2, $3, $4, $5)",
+                    &[&id, &org, &name, &(page as i32), &Value::Array(p.items)],
+                )
+                .await?;
+            }
+            progress.step(&format!(
+                "run {id}: listing {} of {}: page {page} of {}",
+                n + 1,
+                listings.len(),
+                p.max_page.max(1)
+            ));
+            if page >= p.max_page {
+                break;
+            }
+            page += 1;
+        }
+    }
+    Ok(Ok(()))
+}

@@ -1,0 +1,164 @@
+//! What the suites assert with: SQLSTATEs, polling with a deadline (never a
+//! sleep), HTTP helpers, and exactly-once at the emulator.
+use crate::processes::{Emulator, Sidecar};
+use tokio_postgres::Client;
+
+/// The SQLSTATE of a failed statement, for assertions.
+pub fn sqlstate<T: std::fmt::Debug>(r: Result<T, tokio_postgres::Error>) -> String {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_string())
+            .unwrap_or_else(|| format!("no sqlstate: {e}")),
+    }
+}
+
+/// The SQLSTATE and message of a failed statement.
+pub fn db_error<T: std::fmt::Debug>(r: Result<T, tokio_postgres::Error>) -> (String, String) {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => match e.as_db_error() {
+            Some(d) => (d.code().code().to_string(), d.message().to_string()),
+            None => panic!("not a database error: {e}"),
+        },
+    }
+}
+
+/// Polls `f` until it returns Some, or panics after `secs`. Tests never sleep
+/// to synchronise; they wait for a condition with a deadline.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP client for the suites: no pooling surprises, generous timeout.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A fresh idempotency key.
+pub fn idem() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Counts of meter_event rows by polar_status.
+pub async fn statuses(c: &Client) -> std::collections::BTreeMap<String, i64> {
+    c.query(
+        "SELECT polar_status, count(*) FROM meter.meter_event GROUP BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// One recorded event, as sent: for comparing with what Polar holds.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub id: String,
+    pub org: String,
+    pub name: String,
+    pub timestamp: String,
+    pub metadata: serde_json::Value,
+}
+
+/// Records `n` events over HTTP, spread over `keys` (org, key), with
+/// `concurrency` requests in flight. Every answer must be a 202.
+pub async fn record_many(
+    side: &Sidecar,
+    keys: &[(String, String)],
+    n: usize,
+    concurrency: usize,
+) -> Vec<Sent> {
+    use futures_util::StreamExt;
+    let client = http();
+    let url = side.url("/api/v1/meter");
+    let base = chrono::Utc::now() - chrono::Duration::seconds(5);
+    futures_util::stream::iter(0..n)
+        .map(|i| {
+            let (org, key) = keys[i % keys.len()].clone();
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let ts = (base + chrono::Duration::microseconds(i as i64)).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                let name = if i % 3 == 0 { "api.request" } else { "tokens.used" };
+                let metadata = serde_json::json!({"i": i, "model": format!("m{}", i % 7), "ok": i % 2 == 0});
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("Idempotency-Key", format!("ev-{i}"))
+                    .json(&serde_json::json!({"event_name": name, "event_timestamp": ts, "metadata": metadata}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                let v: serde_json::Value = r.json().await.unwrap();
+                Sent { id: v["event_id"].as_str().unwrap().to_string(), org, name: name.into(), timestamp: ts, metadata }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+/// Asserts Polar (the emulator) holds exactly `sent`, each once, as sent.
+pub async fn assert_polar_holds_exactly(emu: &Emulator, sent: &[Sent]) {
+    let all = emu.events().await;
+    let events = all["events"].as_array().unwrap();
+    let mut by_id: std::collections::HashMap<String, &serde_json::Value> = Default::default();
+    for e in events {
+        let id = e["metadata"]["meter_event_id"]
+            .as_str()
+            .expect("meter_event_id in metadata")
+            .to_string();
+        assert!(
+            by_id.insert(id.clone(), e).is_none(),
+            "event {id} stored twice at Polar"
+        );
+    }
+    let ext: std::collections::HashSet<&str> = events
+        .iter()
+        .map(|e| e["external_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ext.len(), events.len(), "external ids are unique");
+    assert_eq!(
+        events.len(),
+        sent.len(),
+        "Polar holds exactly the recorded events"
+    );
+    for s in sent {
+        let e = by_id
+            .get(&s.id)
+            .unwrap_or_else(|| panic!("event {} missing at Polar", s.id));
+        assert_eq!(e["external_customer_id"], s.org.as_str());
+        assert_eq!(e["name"], s.name.as_str());
+        let got = chrono::DateTime::parse_from_rfc3339(e["timestamp"].as_str().unwrap()).unwrap();
+        let want = chrono::DateTime::parse_from_rfc3339(&s.timestamp).unwrap();
+        assert_eq!(got, want, "timestamp of {}", s.id);
+        let mut meta = e["metadata"].clone();
+        meta.as_object_mut().unwrap().remove("meter_event_id");
+        assert_eq!(meta, s.metadata, "metadata of {}", s.id);
+    }
+}

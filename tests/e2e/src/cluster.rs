@@ -1,0 +1,134 @@
+//! The test cluster: connections, and a database per test cloned from a
+//! template that has the extension, so tests are independent of each other
+//! and of their order. `make test` (scripts/test.sh) starts the cluster.
+use std::sync::atomic::{AtomicU32, Ordering};
+use tokio_postgres::{Client, NoTls};
+
+pub mod pg {
+    pub fn host() -> String {
+        std::env::var("PM_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+    }
+    pub fn port() -> u16 {
+        std::env::var("PM_PG_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(55432)
+    }
+    pub fn template() -> String {
+        std::env::var("PM_PG_TEMPLATE").unwrap_or_else(|_| "pm_template".into())
+    }
+    /// The database where pg_cron lives (cron.database_name).
+    pub fn cron_db() -> String {
+        std::env::var("PM_PG_CRON_DB").unwrap_or_else(|_| "pm_cron".into())
+    }
+    pub fn url(db: &str, user: &str) -> String {
+        format!("host={} port={} user={user} dbname={db}", host(), port())
+    }
+}
+
+/// A connection as `user` to database `db` of the test cluster.
+pub async fn connect(db: &str, user: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(&pg::url(db, user), NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "connect to {db} as {user} ({}): {e}; run the suites through `make test`",
+                pg::url(db, user)
+            )
+        });
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A connection to another cluster on this machine (benchmarks, the chaos suite's own).
+pub async fn connect_port(db: &str, user: &str, port: u16) -> Client {
+    let url = format!("host={} port={port} user={user} dbname={db}", pg::host());
+    let (client, conn) = tokio_postgres::connect(&url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A fresh database, cloned from the template, for one test.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t_{}_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed),
+            uuid::Uuid::new_v4().simple().to_string().get(..8).unwrap()
+        );
+        let admin = connect("postgres", "postgres").await;
+        // Two clones of one template at the same instant can collide on the
+        // template's lock; retry briefly rather than fail the test.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match admin
+                .batch_execute(&format!(
+                    "CREATE DATABASE {name} TEMPLATE {}",
+                    pg::template()
+                ))
+                .await
+            {
+                Ok(()) => break,
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && e.to_string().contains("being accessed") =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("create test database: {e}"),
+            }
+        }
+        TestDb { name }
+    }
+
+    /// A superuser connection (the DBA).
+    pub async fn admin(&self) -> Client {
+        connect(&self.name, "postgres").await
+    }
+
+    pub async fn client_as(&self, user: &str) -> Client {
+        connect(&self.name, user).await
+    }
+
+    /// An organization Polar would accept (an email), through upsert_organization.
+    pub async fn org(&self, c: &Client, id: &str) {
+        c.execute(
+            "SELECT meter.upsert_organization($1, $1, $1 || '@example.org')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Sets a polar_meter tunable for this database (meter.set_setting).
+    pub async fn set(&self, c: &Client, name: &str, value: &str) {
+        c.execute("SELECT meter.set_setting($1, $2)", &[&name, &value])
+            .await
+            .unwrap_or_else(|e| panic!("set_setting({name}, {value}): {e:?}"));
+    }
+
+    /// Creates a key; returns (id, plaintext key).
+    pub async fn key(&self, c: &Client, org: &str, permissions: &[&str]) -> (uuid::Uuid, String) {
+        let perms: Vec<String> = permissions.iter().map(|s| s.to_string()).collect();
+        let row = c
+            .query_one(
+                "SELECT id, key FROM meter.create_api_key($1, 'test', $2)",
+                &[&org, &perms],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+}

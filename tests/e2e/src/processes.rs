@@ -1,0 +1,325 @@
+//! The processes the suites run for real: polar-meterd (logged in as a fresh
+//! least-privilege role), the Polar emulator, a webhook receiver, and the
+//! one-shot CLI.
+use crate::assertions::http;
+use crate::cluster::{connect_port, pg, TestDb};
+
+/// Root of the repository (for scripts and built binaries).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// A built binary of this workspace (built by `make test` before the suites).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let p = target_dir().join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run the suites through `make test`",
+        p.display()
+    );
+    p
+}
+
+/// A running `polar-meterd`, logged in as a fresh least-privilege role.
+/// Its stdout (JSON logs) is kept so tests can inspect what it logged.
+pub struct Sidecar {
+    child: tokio::process::Child,
+    pub base: String,
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Sidecar {
+    pub async fn start(db: &TestDb, env: &[(&str, &str)]) -> Sidecar {
+        Self::start_on(&db.name, pg::port(), env).await
+    }
+
+    pub async fn start_on(db: &str, port: u16, env: &[(&str, &str)]) -> Sidecar {
+        let role = format!("meterd_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect_port(db, "postgres", port).await;
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
+            ))
+            .await
+            .unwrap();
+        let url = format!("postgres://{role}@{}:{port}/{db}", pg::host());
+        let mut cmd = tokio::process::Command::new(binary("polar-meterd"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("DATABASE_URL", url)
+            .env("POLAR_METER_LISTEN", "127.0.0.1:0")
+            .env("POLAR_METER_STATS_SECS", "1")
+            .env("POLAR_METER_PROBE_SECS", "1")
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "debug,tokio_postgres=info,hyper=info,h2=info,reqwest=info,hyper_util=info,rustls=info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let (child, addr, logs) = spawn_listening(cmd).await;
+        Sidecar {
+            child,
+            base: format!("http://{addr}"),
+            logs,
+        }
+    }
+
+    pub async fn start_with(db: &TestDb, env: &[(String, String)]) -> Sidecar {
+        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Self::start(db, &refs).await
+    }
+
+    /// SIGKILL: no shutdown, no report of the batch in hand.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    pub fn logs_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.pid().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(40), self.child.wait())
+            .await
+            .expect("polar-meterd did not exit after SIGTERM")
+            .unwrap()
+    }
+}
+
+/// Spawns a workspace binary with a JSON log on stdout and waits for its
+/// "listening" line; returns the child, its address and its log lines.
+async fn spawn_listening(
+    mut cmd: tokio::process::Command,
+) -> (
+    tokio::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn");
+    let stdout = child.stdout.take().unwrap();
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "listening" {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let addr = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+        .await
+        .expect("no 'listening' log line within 30s")
+        .expect("exited before listening");
+    (child, addr, logs)
+}
+
+/// A running polar-emulator with a token of its own.
+pub struct Emulator {
+    _child: tokio::process::Child,
+    pub base: String,
+    pub token: String,
+}
+
+impl Emulator {
+    pub async fn start(args: &[&str]) -> Emulator {
+        let token = format!("polar_oat_{}", uuid::Uuid::new_v4().simple());
+        Self::start_with_tokens(&token, args).await
+    }
+
+    /// An emulator accepting `tokens` (its `--tokens` syntax); `token` is
+    /// the first of them.
+    pub async fn start_with_tokens(tokens: &str, args: &[&str]) -> Emulator {
+        let first = tokens.split(',').next().unwrap_or_default();
+        let token = first.split('=').next().unwrap_or_default().to_string();
+        let mut cmd = tokio::process::Command::new(binary("polar-emulator"));
+        cmd.args(["--listen", "127.0.0.1:0", "--tokens", tokens])
+            .args(args)
+            .env_clear();
+        let (child, addr, _) = spawn_listening(cmd).await;
+        Emulator {
+            _child: child,
+            base: format!("http://{addr}"),
+            token,
+        }
+    }
+
+    /// Environment for a sidecar that delivers here, quickly.
+    pub fn sidecar_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("POLAR_ACCESS_TOKEN".into(), self.token.clone()),
+            ("POLAR_API_URL".into(), self.base.clone()),
+            ("POLAR_METER_POLL_SECS".into(), "1".into()),
+            ("POLAR_RATE_LIMIT".into(), "6000".into()),
+        ]
+    }
+
+    pub async fn faults(&self, f: serde_json::Value) {
+        let r = http()
+            .post(format!("{}/__admin/faults", self.base))
+            .json(&f)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Every stored event, with the external_id Polar keeps but does not list.
+    pub async fn events(&self) -> serde_json::Value {
+        http()
+            .get(format!("{}/__admin/events", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Answers by "METHOD path status" (or "dropped"), the faults in force,
+    /// and `unacknowledged_inserts`.
+    pub async fn stats(&self) -> serde_json::Value {
+        http()
+            .get(format!("{}/__admin/stats", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn customers(&self) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = http()
+            .get(format!("{}/__admin/customers", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["customers"].as_array().unwrap().clone()
+    }
+}
+
+/// A webhook receiver that keeps every JSON body POSTed to it.
+pub struct Webhook {
+    pub url: String,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Webhook {
+    pub async fn start() -> Webhook {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let sink = sink.clone();
+                            async move {
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                if let Ok(v) = serde_json::from_slice(&body) {
+                                    sink.lock().unwrap().push(v);
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Webhook { url, received }
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["kind"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+/// Runs a one-shot `polar-meterd` command (backfill, reconcile) logged in as a
+/// fresh least-privilege role, talking to the emulator; returns its output.
+pub async fn meterd_cli(db: &TestDb, emu: &Emulator, args: &[&str]) -> std::process::Output {
+    let role = format!("cli_{}", uuid::Uuid::new_v4().simple());
+    db.admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
+        ))
+        .await
+        .unwrap();
+    tokio::process::Command::new(binary("polar-meterd"))
+        .args(args)
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!(
+                "postgres://{role}@{}:{}/{}",
+                pg::host(),
+                pg::port(),
+                db.name
+            ),
+        )
+        .env("POLAR_ACCESS_TOKEN", &emu.token)
+        .env("POLAR_API_URL", &emu.base)
+        .env("POLAR_RATE_LIMIT", "6000")
+        .output()
+        .await
+        .unwrap()
+}

@@ -17,6 +17,8 @@ CREATE FUNCTION meter._reconcile_mode(mode text) RETURNS text
 LANGUAGE plpgsql
 STABLE
 AS $$
+DECLARE
+    v_every interval;
 BEGIN
     IF mode IS NOT NULL THEN
         IF mode NOT IN ('counts', 'full') THEN
@@ -24,16 +26,17 @@ BEGIN
         END IF;
         RETURN mode;
     END IF;
-    IF EXISTS (SELECT 1 FROM meter.reconcile_run r
-               WHERE r.mode = 'full' AND r.status IN ('requested', 'running', 'done')
-                 AND r.created_at > now() - meter._setting('reconcile_full_every')::interval) THEN
+    v_every := meter._setting('reconcile_full_every')::interval;
+    IF v_every = interval '0' OR EXISTS (
+        SELECT 1 FROM meter.reconcile_run r
+        WHERE r.mode = 'full' AND r.status IN ('requested', 'running', 'done') AND r.created_at > now() - v_every) THEN
         RETURN 'counts';
     END IF;
     RETURN 'full';
 END
 $$;
 COMMENT ON FUNCTION meter._reconcile_mode(text) IS
-  'Internal: the mode of a new run: the one asked for, else full when no full run was opened within reconcile_full_every (7 days), else counts. PM062 for an unknown mode.';
+  'Internal: the mode of a new run: the one asked for, else full when no full run was opened within reconcile_full_every (7 days; 0: never by default), else counts. PM062 for an unknown mode.';
 
 CREATE FUNCTION meter._open_reconcile_run(window_start timestamptz, window_end timestamptz, mode text) RETURNS bigint
 LANGUAGE plpgsql

@@ -78,7 +78,7 @@ pub const ALL: &[Setting] = &[
     s("reconcile_lookback", "35 days", Kind::Interval, "0", "400 days",
       "How far back the daily job re-opens windows that gained sent events after their last run."),
     s("reconcile_full_every", "7 days", Kind::Interval, "0", "400 days",
-      "The daily job makes its run a full per-event run when no full run was opened within this long."),
+      "The daily job makes its run a full per-event run when no full run was opened within this long (0: only on request)."),
     s("alert_max_tries", "12", Kind::Count, "1", "1000",
       "Tries to forward one alert to ALERT_WEBHOOK_URL before it is given up (and logged)."),
 ];

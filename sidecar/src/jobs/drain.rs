@@ -258,9 +258,7 @@ async fn send(jobs: &Jobs, org: &str, batch: Uuid, events: &[Event]) -> Result<F
                 return Ok(Flow::Paused);
             }
             Ingest::Failed(Failure::Transient(cause)) => {
-                if jobs.health.transient(&cause) {
-                    tracing::error!(cause = %cause, "every recent Polar call failed: delivery paused");
-                    jobs.wake.probe.notify_one();
+                if jobs.polar_wide(&cause).await {
                     let all: Vec<Uuid> = ids
                         .iter()
                         .copied()

@@ -124,6 +124,42 @@ impl Jobs {
         format!("{} seconds", self.s.lease.as_secs())
     }
 
+    /// After a transient failure (`cause`): is Polar failing as a whole? When
+    /// every recent call failed, one cheap authenticated call that concerns no
+    /// organization decides: if it fails too, delivery pauses (and this
+    /// failure is not counted against the call's events); if it answers, the
+    /// failure was the call's own.
+    pub async fn polar_wide(&self, cause: &str) -> bool {
+        if !self.health.transient() {
+            return false;
+        }
+        if self.health.is_paused() {
+            return true;
+        }
+        let Some(polar) = &self.polar else {
+            return false;
+        };
+        if self.budget.acquire().await.is_err() {
+            return false;
+        }
+        match polar.check_token().await {
+            Ok(()) => {
+                self.health.success();
+                false
+            }
+            Err(f) => {
+                let why = format!(
+                    "every recent Polar call failed (last: {cause}) and a check failed too: {f}"
+                );
+                if self.health.systemic(&why) {
+                    tracing::error!(cause = %why, "Polar is failing as a whole: delivery paused");
+                    self.wake.probe.notify_one();
+                }
+                true
+            }
+        }
+    }
+
     /// Runs one outcome report until the database takes it: the lease keeps
     /// others off these rows meanwhile, so a blip must not lose the outcome.
     pub async fn report<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, JobError>

@@ -116,8 +116,7 @@ pub async fn provision_due(jobs: &Jobs) -> Result<usize, JobError> {
                     return Ok(done);
                 }
                 Answer::Failed(Failure::Transient(cause)) => {
-                    if jobs.health.transient(&cause) {
-                        jobs.wake.probe.notify_one();
+                    if jobs.polar_wide(&cause).await {
                         return Ok(done);
                     }
                     c.query_one("SELECT meter.provisioning_failed($1, $2)", &[&id, &cause])

@@ -86,8 +86,7 @@ where
                 return Ok(Err(Stop::Paused));
             }
             Answer::Failed(Failure::Transient(cause)) => {
-                if jobs.health.transient(&cause) {
-                    jobs.wake.probe.notify_one();
+                if jobs.polar_wide(&cause).await {
                     return Ok(Err(Stop::Paused));
                 }
                 return Ok(Err(Stop::Failed(cause)));

@@ -258,7 +258,7 @@ impl Client {
             Ok((429, _, wait)) => Ingest::RateLimited(wait.unwrap_or(Duration::from_secs(1))),
             Ok((422, v, _)) => Ingest::Invalid {
                 refused: refused_events(&v),
-                message: summarize(&v),
+                message: format!("HTTP 422: {}", summarize(&v)),
             },
             Ok((_, v, _)) => match (v["inserted"].as_u64(), v["duplicates"].as_u64().or(Some(0))) {
                 (Some(inserted), Some(duplicates)) => Ingest::Accepted {

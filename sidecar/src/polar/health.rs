@@ -1,8 +1,11 @@
 //! Whether Polar can be used now. A systemic failure (token refused,
-//! unreachable, not Polar) pauses delivery and provisioning at once; a
-//! transient one (a 5xx, a timeout) counts against this call's events unless
-//! every recent call failed, when the breaker treats it as systemic too.
-//! While paused, a probe (jobs::probe) checks Polar and resumes on success.
+//! unreachable, not Polar) pauses delivery and provisioning at once. A
+//! transient one (a 5xx, a timeout) counts against the call's own events,
+//! unless every recent call failed: then the breaker is suspicious, and one
+//! cheap call unrelated to any organization decides (Jobs::polar_wide): if it
+//! fails too, Polar is failing as a whole and the pause begins; if it
+//! answers, the failure was the call's own. While paused, the probe
+//! (jobs::probe) checks Polar and resumes on success.
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -61,27 +64,20 @@ impl Health {
         }
     }
 
-    /// This call failed. Returns true when the failure is systemic after all
-    /// (the breaker opened, or was open): the caller must not count it
-    /// against the call's events.
-    pub fn transient(&self, cause: &str) -> bool {
+    /// This call failed. Returns true when every recent call failed (or
+    /// Polar is paused): the caller must find out whether Polar as a whole is
+    /// failing before counting this against the call's events.
+    pub fn transient(&self) -> bool {
         let mut s = self.state.lock().unwrap();
         Self::record(&mut s, false);
         if s.paused.is_some() {
             return true;
         }
         let now = Instant::now();
-        let tripped = s.recent.len() >= BREAKER_CALLS
+        s.recent.len() >= BREAKER_CALLS
             && s.recent
                 .iter()
-                .all(|(t, ok)| !ok && now.duration_since(*t) <= BREAKER_WINDOW);
-        if tripped {
-            s.paused = Some((
-                format!("every one of the last {BREAKER_CALLS} Polar calls failed (last: {cause})"),
-                now,
-            ));
-        }
-        tripped
+                .all(|(t, ok)| !ok && now.duration_since(*t) <= BREAKER_WINDOW)
     }
 }
 
@@ -102,21 +98,17 @@ mod tests {
     }
 
     #[test]
-    fn the_breaker_opens_when_every_recent_call_failed() {
+    fn the_breaker_grows_suspicious_when_every_recent_call_failed() {
         let h = Health::default();
-        assert!(!h.transient("HTTP 503"));
-        assert!(!h.transient("HTTP 503"));
-        assert!(h.transient("HTTP 503"), "the third in a row opens it");
-        assert!(h.paused().unwrap().0.contains("HTTP 503"));
-        assert!(
-            h.transient("timeout"),
-            "and while open, failures are systemic"
-        );
+        assert!(!h.transient());
+        assert!(!h.transient());
+        assert!(h.transient(), "the third failure in a row is suspicious");
+        assert!(!h.is_paused(), "suspicion is not a pause: a check decides");
         h.success();
-        assert!(!h.transient("HTTP 500"), "one success resets the run");
-        h.success();
-        assert!(!h.transient("HTTP 500"));
-        assert!(!h.transient("HTTP 500"));
-        assert!(!h.is_paused() || h.paused().is_some());
+        assert!(!h.transient(), "one success resets the run");
+        assert!(!h.transient());
+        assert!(h.transient());
+        h.systemic("every call fails");
+        assert!(h.transient(), "while paused, every failure is Polar's");
     }
 }

@@ -8,7 +8,7 @@ async fn create_list_revoke_within_one_org() {
     let db = TestDb::new().await;
     let pg = db.admin().await;
     db.org(&pg, "acme").await;
-    let (_, admin) = db.key(&pg, "acme", &["keys:manage"]).await;
+    let (_, admin) = db.key(&pg, "acme", &["fence:meter", "keys:manage"]).await;
     let side = Sidecar::start(&db, &[]).await;
     let c = http();
 
@@ -79,11 +79,11 @@ async fn create_list_revoke_within_one_org() {
         (json!({"name": " "}), "invalid-key-name"),
         (
             json!({"name": "x", "expires_at": "2999-01-01T00:00:00"}),
-            "invalid-argument",
+            "invalid-expiry",
         ),
         (
             json!({"name": "x", "expires_at": "2000-01-01T00:00:00Z"}),
-            "invalid-argument",
+            "invalid-expiry",
         ),
         (json!({"nam": "x"}), "malformed-body"),
     ] {
@@ -182,4 +182,69 @@ async fn a_key_of_org_a_cannot_manage_org_b() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+}
+
+#[tokio::test]
+async fn a_key_hands_on_only_what_it_holds_and_for_no_longer_than_it_lives() {
+    let db = TestDb::new().await;
+    let pg = db.admin().await;
+    db.org(&pg, "acme").await;
+    let row = pg
+        .query_one(
+            "SELECT key FROM meter.create_api_key('acme', 'short-lived admin', '{keys:manage}', now() + interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let manage_only: String = row.get(0);
+    let side = Sidecar::start(&db, &[]).await;
+    let c = http();
+    let create = |perms: Value, expires: Option<&str>| {
+        let mut body = json!({"name": "minted", "permissions": perms});
+        if let Some(e) = expires {
+            body["expires_at"] = json!(e);
+        }
+        c.post(side.url("/api/v1/api-keys"))
+            .bearer_auth(&manage_only)
+            .json(&body)
+            .send()
+    };
+    // fence:meter is not held: refused, with its own problem type.
+    let r = create(json!(["fence:meter"]), None).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(
+        p["type"],
+        "https://polar-meter.dev/problems/permission-not-held"
+    );
+    // What it holds, asked for forever: clamped to its own expiry.
+    let r = create(json!(["keys:manage"]), Some("2999-01-01T00:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let minted: Value = r.json().await.unwrap();
+    let until =
+        chrono::DateTime::parse_from_rfc3339(minted["expires_at"].as_str().unwrap()).unwrap();
+    assert!(
+        until < chrono::Utc::now() + chrono::Duration::minutes(61),
+        "clamped: {until}"
+    );
+    let r = create(json!(["keys:manage"]), None).await.unwrap();
+    let minted: Value = r.json().await.unwrap();
+    assert!(
+        !minted["expires_at"].is_null(),
+        "no expiry asked for: the minter's own"
+    );
+    // An unknown permission stays a 400, not a 403.
+    let r = create(json!(["root"]), None).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let n: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM meter.api_key WHERE permissions @> '{fence:meter}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "no escalation reached the table");
 }

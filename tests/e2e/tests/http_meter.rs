@@ -169,7 +169,9 @@ async fn secrets_never_reach_the_logs() {
     post(&e, &e.key, &idem(), &event()).await;
     post(&e, &format!("ak_{}", "Q".repeat(48)), &idem(), &event()).await;
     post(&e, "ak_short_and_wrong", &idem(), &event()).await;
-    let (_, admin) = e.db.key(&e.pg, "acme", &["keys:manage"]).await;
+    let (_, admin) =
+        e.db.key(&e.pg, "acme", &["fence:meter", "keys:manage"])
+            .await;
     let created: Value = http()
         .post(e.side.url("/api/v1/api-keys"))
         .bearer_auth(&admin)

@@ -223,7 +223,7 @@ async fn real_responses_match_the_openapi_document() {
     let created = c
         .post(&keys)
         .bearer_auth(&admin)
-        .json(&json!({"name": "ci", "permissions": ["fence:meter"]}))
+        .json(&json!({"name": "ci", "permissions": ["keys:manage"]}))
         .send()
         .await
         .unwrap();
@@ -241,7 +241,7 @@ async fn real_responses_match_the_openapi_document() {
             "/api/v1/api-keys",
             c.post(&keys)
                 .bearer_auth(&admin)
-                .json(&json!({"name": " "}))
+                .json(&json!({"name": " ", "permissions": ["keys:manage"]}))
                 .send()
                 .await
                 .unwrap(),

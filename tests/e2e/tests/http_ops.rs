@@ -109,7 +109,7 @@ async fn discovery_health_readiness_and_metrics() {
         "{m}"
     );
     assert!(
-        m.contains("polar_meter_db_pool_connections{state=\"max\"} 32"),
+        m.contains("polar_meter_db_pool_connections{pool=\"requests\",state=\"max\"} 32"),
         "{m}"
     );
 }
@@ -131,6 +131,31 @@ async fn readyz_fails_when_the_extension_version_differs() {
         "https://polar-meter.dev/problems/extension-version-mismatch"
     );
     assert!(v["detail"].as_str().unwrap().contains("0.0.1"));
+}
+
+#[tokio::test]
+async fn readyz_keeps_a_sidecar_in_rotation_while_a_newer_extension_still_serves_it() {
+    let db = TestDb::new().await;
+    let pg = db.admin().await;
+    // ALTER EXTENSION ... UPDATE ran first (rolling upgrade): a newer version
+    // that still serves this binary keeps it ready.
+    pg.batch_execute("UPDATE pg_extension SET extversion = '0.4.0' WHERE extname = 'polar_meter'")
+        .await
+        .unwrap();
+    let side = Sidecar::start(&db, &[]).await;
+    let r = http().get(side.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["extension_version"], "0.4.0");
+    assert_eq!(v["delivery"]["enabled"], false, "{v}");
+    // One that no longer serves it takes it out of rotation.
+    pg.batch_execute("CREATE OR REPLACE FUNCTION meter.oldest_supported_sidecar() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT '9.0.0'::text $$")
+        .await
+        .unwrap();
+    let r = http().get(side.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["detail"].as_str().unwrap().contains("9.0.0"), "{v}");
 }
 
 #[tokio::test]

@@ -177,7 +177,11 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
         }
         let s = store.lock().unwrap();
         match s.tokens.get(token.trim()) {
-            Some(_) if s.faults.reject_token && s.faults.applies(req.method().as_str(), path) => {
+            Some(_)
+                if s.faults.reject_token
+                    && s.faults
+                        .applies(req.method().as_str(), &path_and_query(&req)) =>
+            {
                 return Outcome::Respond(invalid_token())
             }
             Some(g) => g.clone(),
@@ -195,10 +199,13 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
             return Outcome::Respond(r);
         }
         let f = s.faults.clone();
-        if f.applies(req.method().as_str(), path) {
+        if f.applies(req.method().as_str(), &path_and_query(&req)) {
             f
         } else {
-            Faults::default()
+            Faults {
+                clock_offset_ms: f.clock_offset_ms,
+                ..Faults::default()
+            }
         }
     };
     if let Some(needed) = scopes_needed(req.method(), path) {
@@ -268,6 +275,13 @@ async fn api(store: &Shared, req: Request<Incoming>, path: &str, version: Option
     Outcome::Respond(out)
 }
 
+fn path_and_query(req: &Request<Incoming>) -> String {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default()
+}
+
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
     if req.headers().get(CONTENT_LENGTH).is_none() {
         return Err(json_resp(
@@ -317,7 +331,8 @@ async fn ingest(store: &Shared, org: uuid::Uuid, req: Request<Incoming>) -> Resp
         Err(r) => return r,
     };
     let now = Utc::now();
-    let parsed = match crate::validate::ingest(&v, now) {
+    let offset = store.lock().unwrap().faults.clock_offset_ms;
+    let parsed = match crate::validate::ingest(&v, now + chrono::Duration::milliseconds(offset)) {
         Ok(p) => p,
         Err(detail) => return validation("RequestValidationError", detail),
     };

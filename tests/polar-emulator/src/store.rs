@@ -55,14 +55,19 @@ pub struct Faults {
     /// Answer every API call 401 invalid_token, as Polar does for a revoked token.
     #[serde(default)]
     pub reject_token: bool,
-    /// When not empty, faults apply only to calls whose "METHOD path" starts with one of these.
+    /// Milliseconds added to the emulator's clock when it judges "in the
+    /// future" (negative: Polar's clock is behind ours). Not a fault: always applies.
+    #[serde(default)]
+    pub clock_offset_ms: i64,
+    /// When not empty, faults apply only to calls whose "METHOD path?query"
+    /// starts with one of these (e.g. "POST /v1/events/ingest").
     #[serde(default)]
     pub only: Vec<String>,
 }
 
 impl Faults {
-    pub fn applies(&self, method: &str, path: &str) -> bool {
-        let call = format!("{method} {path}");
+    pub fn applies(&self, method: &str, path_and_query: &str) -> bool {
+        let call = format!("{method} {path_and_query}");
         self.only.is_empty() || self.only.iter().any(|p| call.starts_with(p.as_str()))
     }
 }

@@ -10,20 +10,11 @@ use pm_e2e::{
 async fn faults_and_kills_still_deliver_each_event_exactly_once() {
     let db = TestDb::new().await;
     let pg = db.admin().await;
-    pg.batch_execute(&format!(
-        "ALTER DATABASE {0} SET polar_meter.backoff_base = '100 milliseconds'; ALTER DATABASE {0} SET polar_meter.backoff_cap = '1 second'",
-        db.name
-    ))
-    .await
-    .unwrap();
+    db.set(&pg, "backoff_base", "100 milliseconds").await;
+    db.set(&pg, "backoff_cap", "1 second").await;
     let mut keys = Vec::new();
     for org in ["acme", "globex", "initech"] {
-        pg.execute(
-            "INSERT INTO meter.organization (id, name) VALUES ($1, $1)",
-            &[&org],
-        )
-        .await
-        .unwrap();
+        db.org(&pg, org).await;
         keys.push((org.to_string(), db.key(&pg, org, &["fence:meter"]).await.1));
     }
     let recorder = Sidecar::start(&db, &[]).await;

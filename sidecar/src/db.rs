@@ -153,8 +153,13 @@ impl DbError {
 
 impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
+        // Getting a connection failed: making one was refused (down, auth,
+        // TLS, no such database) or the wait ran out. Either way the database
+        // cannot serve this request: a 503, never the client's fault.
         match e {
-            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            deadpool_postgres::PoolError::Backend(e) => {
+                DbError::Unavailable(DbError::from(e).to_string())
+            }
             other => DbError::Unavailable(other.to_string()),
         }
     }

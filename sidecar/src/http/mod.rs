@@ -290,11 +290,13 @@ async fn drive<I, S>(
                 }
                 return;
             }
-            _ = tick.tick(), if !closing => {
+            _ = tick.tick() => {
                 if let Some(why) = overdue(activity, limits) {
+                    // No request is in flight, so nothing is owed: drop the
+                    // connection (hyper's graceful shutdown would wait for
+                    // headers that may never come).
                     tracing::debug!(why, "closing a connection");
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+                    return;
                 }
             }
             _ = stop.changed(), if !closing => {

@@ -132,3 +132,145 @@ impl TestDb {
         (row.get(0), row.get(1))
     }
 }
+
+/// A PostgreSQL cluster of its own that accepts only TLS connections
+/// (`hostssl` in pg_hba.conf, no `host` line), serving the certificate given,
+/// with database `meter_tls` and the extension. Stopped and removed on drop.
+pub struct TlsCluster {
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn as_postgres(args: &[&str]) {
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TlsCluster {
+    pub async fn start(leaf: &crate::certs::Leaf) -> TlsCluster {
+        let dir = crate::certs::scratch_dir("tls-pg");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = dir.join("data");
+        let d = dir.to_str().unwrap().to_string();
+        std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres", &d])
+            .status()
+            .unwrap();
+        as_postgres(&[
+            &format!("{BIN}/initdb"),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        crate::certs::write(&data, "server.crt", &leaf.cert_pem);
+        crate::certs::write(&data, "server.key", &leaf.key_pem);
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        use std::io::Write;
+        writeln!(
+            conf,
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{d}'\nssl = on\n\
+             ssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nfsync = off\nmax_connections = 50"
+        )
+        .unwrap();
+        std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres", &d])
+            .status()
+            .unwrap();
+        std::process::Command::new("chmod")
+            .args(["600", data.join("server.key").to_str().unwrap()])
+            .status()
+            .unwrap();
+        as_postgres(&[
+            &format!("{BIN}/pg_ctl"),
+            "-D",
+            data.to_str().unwrap(),
+            "-l",
+            &format!("{d}/log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]);
+        let c = TlsCluster { port, dir };
+        let admin = c.socket("postgres").await;
+        admin
+            .batch_execute("CREATE DATABASE meter_tls")
+            .await
+            .unwrap();
+        c.socket("meter_tls")
+            .await
+            .batch_execute("CREATE EXTENSION polar_meter")
+            .await
+            .unwrap();
+        c
+    }
+
+    /// A superuser connection over the Unix socket (TCP takes TLS only).
+    pub async fn socket(&self, db: &str) -> Client {
+        let url = format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.dir.display(),
+            self.port
+        );
+        let (client, conn) = tokio_postgres::connect(&url, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &format!("{BIN}/pg_ctl"),
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

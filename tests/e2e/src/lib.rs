@@ -3,6 +3,7 @@
 //! and the assertions. `make test` starts the cluster (scripts/cluster.sh)
 //! with a template database that has the extension installed.
 pub mod assertions;
+pub mod certs;
 pub mod cluster;
 pub mod processes;
 

@@ -43,33 +43,41 @@ impl Sidecar {
     }
 
     pub async fn start_on(db: &str, port: u16, env: &[(&str, &str)]) -> Sidecar {
-        let role = format!("meterd_{}", uuid::Uuid::new_v4().simple());
-        let admin = connect_port(db, "postgres", port).await;
-        admin
-            .batch_execute(&format!(
-                "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
-            ))
-            .await
-            .unwrap();
+        let role = sidecar_role(db, port).await;
         let url = format!("postgres://{role}@{}:{port}/{db}", pg::host());
-        let mut cmd = tokio::process::Command::new(binary("polar-meterd"));
-        cmd.arg("serve")
-            .env_clear()
-            .env("DATABASE_URL", url)
-            .env("POLAR_METER_LISTEN", "127.0.0.1:0")
-            .env("POLAR_METER_STATS_SECS", "1")
-            .env("POLAR_METER_PROBE_SECS", "1")
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "debug,tokio_postgres=info,hyper=info,h2=info,reqwest=info,hyper_util=info,rustls=info");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let (child, addr, logs) = spawn_listening(cmd).await;
+        Self::start_url(&url, env).await
+    }
+
+    /// A sidecar with this DATABASE_URL (its role already made).
+    pub async fn start_url(url: &str, env: &[(&str, &str)]) -> Sidecar {
+        let (child, addr, logs) = spawn_listening(sidecar_command(url, env)).await;
+        let scheme = if env.iter().any(|(k, _)| *k == "POLAR_METER_TLS_CERT") {
+            "https"
+        } else {
+            "http"
+        };
         Sidecar {
             child,
-            base: format!("http://{addr}"),
+            base: format!("{scheme}://{addr}"),
             logs,
         }
+    }
+
+    /// Runs polar-meterd serve expecting it to refuse to start; returns its
+    /// exit status and everything it logged.
+    pub async fn refused(url: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+        let mut cmd = sidecar_command(url, env);
+        cmd.kill_on_drop(true);
+        let out = tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
+            .await
+            .expect("polar-meterd should have exited")
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
     }
 
     pub async fn start_with(db: &TestDb, env: &[(String, String)]) -> Sidecar {
@@ -106,6 +114,39 @@ impl Sidecar {
             .expect("polar-meterd did not exit after SIGTERM")
             .unwrap()
     }
+}
+
+/// A fresh least-privilege login role for a sidecar in `db` (roles are
+/// cluster-wide; a role per sidecar keeps tests independent).
+pub async fn sidecar_role(db: &str, port: u16) -> String {
+    let role = format!("meterd_{}", uuid::Uuid::new_v4().simple());
+    connect_port(db, "postgres", port)
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
+        ))
+        .await
+        .unwrap();
+    role
+}
+
+fn sidecar_command(url: &str, env: &[(&str, &str)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary("polar-meterd"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("DATABASE_URL", url)
+        .env("POLAR_METER_LISTEN", "127.0.0.1:0")
+        .env("POLAR_METER_STATS_SECS", "1")
+        .env("POLAR_METER_PROBE_SECS", "1")
+        .env("LOG_FORMAT", "json")
+        .env(
+            "RUST_LOG",
+            "debug,tokio_postgres=info,hyper=info,h2=info,reqwest=info,hyper_util=info,rustls=info",
+        );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
 }
 
 /// Spawns a workspace binary with a JSON log on stdout and waits for its

@@ -1,0 +1,217 @@
+//! Hostile clients against a real polar-meterd: every wait is bounded. Slow
+//! headers are cut at the header timeout, idle connections at the idle
+//! timeout, slow bodies at the body deadline; request SQL runs under a
+//! statement timeout with a bounded wait for a connection (503 +
+//! Retry-After); idle connections by the hundred do not lock out a client.
+use pm_e2e::{http, idem, now_rfc3339, Sidecar, TestDb};
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn setup(env: &[(&str, &str)]) -> (TestDb, tokio_postgres::Client, String, Sidecar) {
+    let db = TestDb::new().await;
+    let pg = db.admin().await;
+    db.org(&pg, "acme").await;
+    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let side = Sidecar::start(&db, env).await;
+    (db, pg, key, side)
+}
+
+fn addr(side: &Sidecar) -> String {
+    side.base.trim_start_matches("http://").to_string()
+}
+
+/// Reads until the server closes; returns when, and what it sent.
+async fn until_closed(s: &mut TcpStream, limit: Duration) -> (Duration, Vec<u8>) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(start.elapsed()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (start.elapsed(), got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("still open after {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_half_sent_header_is_cut_off_at_the_header_timeout() {
+    let (_db, _pg, _key, side) = setup(&[
+        ("POLAR_METER_HEADER_TIMEOUT_SECS", "2"),
+        ("POLAR_METER_IDLE_TIMEOUT_SECS", "60"),
+    ])
+    .await;
+    let mut s = TcpStream::connect(addr(&side)).await.unwrap();
+    s.write_all(b"POST /api/v1/meter HTTP/1.1\r\nHost: x\r\nAuthor")
+        .await
+        .unwrap();
+    let (after, _) = until_closed(&mut s, Duration::from_secs(15)).await;
+    assert!(
+        after >= Duration::from_millis(1500) && after < Duration::from_secs(5),
+        "closed after {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_at_the_idle_timeout_not_the_header_timeout() {
+    let (_db, _pg, key, side) = setup(&[
+        ("POLAR_METER_HEADER_TIMEOUT_SECS", "1"),
+        ("POLAR_METER_IDLE_TIMEOUT_SECS", "4"),
+    ])
+    .await;
+    // A finished request, then silence on a keep-alive connection.
+    let mut s = TcpStream::connect(addr(&side)).await.unwrap();
+    let body = json!({"event_name": "e", "event_timestamp": now_rfc3339()}).to_string();
+    let req = format!(
+        "POST /api/v1/meter HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nIdempotency-Key: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        idem(),
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 202"));
+    let (after, rest) = until_closed(&mut s, Duration::from_secs(15)).await;
+    assert!(rest.is_empty());
+    assert!(
+        after >= Duration::from_secs(3) && after < Duration::from_secs(7),
+        "idle for {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn five_hundred_idle_connections_do_not_stop_a_well_behaved_client() {
+    let (_db, pg, key, side) = setup(&[]).await;
+    let mut idle = Vec::new();
+    for _ in 0..500 {
+        idle.push(TcpStream::connect(addr(&side)).await.unwrap());
+    }
+    // And a few that send half a header and stall.
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(addr(&side)).await.unwrap();
+        s.write_all(b"POST /api/v1/meter HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        idle.push(s);
+    }
+    let r = http()
+        .post(side.url("/api/v1/meter"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", idem())
+        .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM meter.meter_event", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    drop(idle);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_slot() {
+    let (_db, _pg, key, side) = setup(&[
+        ("POLAR_METER_MAX_CONNECTIONS", "3"),
+        ("POLAR_METER_IDLE_TIMEOUT_SECS", "60"),
+    ])
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(addr(&side)).await.unwrap());
+    }
+    let client = http();
+    let mut send = {
+        let (url, key) = (side.url("/api/v1/meter"), key.clone());
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(key)
+                .header("Idempotency-Key", idem())
+                .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    // While the three slots are taken, the request is not served.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), &mut send)
+            .await
+            .is_err(),
+        "served past the connection cap"
+    );
+    drop(held.pop());
+    assert_eq!(send.await.unwrap(), 202, "served once a slot frees");
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_a_408() {
+    let (_db, _pg, key, side) = setup(&[("POLAR_METER_BODY_TIMEOUT_SECS", "2")]).await;
+    let mut s = TcpStream::connect(addr(&side)).await.unwrap();
+    let req = format!(
+        "POST /api/v1/meter HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nIdempotency-Key: k\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"event_na"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (after, got) = until_closed(&mut s, Duration::from_secs(15)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("problems/body-timeout"), "{text}");
+    assert!(after < Duration::from_secs(8), "{after:?}");
+}
+
+#[tokio::test]
+async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
+    let (db, _pg, key, side) = setup(&[
+        ("POLAR_METER_STATEMENT_TIMEOUT_MS", "500"),
+        ("POLAR_METER_POOL_WAIT_MS", "300"),
+        ("POLAR_METER_DB_POOL_SIZE", "1"),
+    ])
+    .await;
+    // A DBA holds an idempotency key: a request for it waits inside the
+    // database, until the statement timeout ends it.
+    let blocker = db.admin().await;
+    blocker
+        .batch_execute("BEGIN; SELECT meter.record_event_for_org('acme', 'held', 'e', now());")
+        .await
+        .unwrap();
+    let c = http();
+    let post = |k: String| {
+        c.post(side.url("/api/v1/meter"))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", k)
+            .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
+            .send()
+    };
+    let started = Instant::now();
+    let (held, other) = tokio::join!(post("held".into()), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        post(idem()).await
+    });
+    let held = held.unwrap();
+    assert_eq!(held.status(), 503);
+    assert!(held.headers().contains_key("retry-after"));
+    let other = other.unwrap();
+    assert_eq!(
+        other.status(),
+        503,
+        "the only connection was busy past the pool wait"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    // Background work never shares that pool or its timeout; requests go on.
+    assert_eq!(post(idem()).await.unwrap().status(), 202);
+}

@@ -284,37 +284,38 @@ pub struct Webhook {
 
 impl Webhook {
     pub async fn start() -> Webhook {
+        Self::failing_first(0).await
+    }
+
+    /// A webhook that answers 500 to its first `n` calls (and keeps nothing
+    /// from them), then 200.
+    pub async fn failing_first(n: usize) -> Webhook {
         use http_body_util::BodyExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/alerts", listener.local_addr().unwrap());
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let sink = received.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let sink = sink.clone();
+                let (sink, calls) = (sink.clone(), calls.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            let sink = sink.clone();
-                            async move {
-                                let body = req
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                if let Ok(v) = serde_json::from_slice(&body) {
-                                    sink.lock().unwrap().push(v);
-                                }
-                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                    http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                                ))
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (sink, calls) = (sink.clone(), calls.clone());
+                        async move {
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")));
+                            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
+                                *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                            } else if let Ok(v) = serde_json::from_slice(&body) {
+                                sink.lock().unwrap().push(v);
                             }
-                        },
-                    );
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                         .await;
@@ -322,6 +323,10 @@ impl Webhook {
             }
         });
         Webhook { url, received }
+    }
+
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.received.lock().unwrap().clone()
     }
 
     pub fn kinds(&self) -> Vec<String> {

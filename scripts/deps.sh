@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PGRX_VERSION=$(sed -n 's/^pgrx = "=\(.*\)"/\1/p' Cargo.toml)
-APT_PKGS=(curl postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclang-dev clang gcc sudo pkg-config)
+APT_PKGS=(curl postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclang-dev clang gcc sudo pkg-config prometheus)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

@@ -81,6 +81,18 @@ scripts/cluster.sh start test "$PM_PG_PORT" pm_cron
 "${PSQL[@]}" -d pm_template -c "CREATE EXTENSION polar_meter" 2>/dev/null
 "${PSQL[@]}" -d pm_cron -c "CREATE EXTENSION pg_cron" -c "CREATE EXTENSION polar_meter"
 
+step "isolation specs (extension/tests/isolation): concurrency, proven"
+"${PSQL[@]}" -c "CREATE DATABASE pm_isolation TEMPLATE pm_template"
+B=/usr/lib/postgresql/15/bin
+ISOLATION=$(dirname "$("$PG_CONFIG" --pgxs)")/../test/isolation/pg_isolation_regress
+SPECS=$(ls extension/tests/isolation/specs | sed 's/\.spec$//')
+mkdir -p target/isolation
+"$ISOLATION" --use-existing --bindir=$B --host=127.0.0.1 --port="$PM_PG_PORT" --user=postgres \
+    --dbname=pm_isolation --inputdir=extension/tests/isolation --outputdir=target/isolation $SPECS || {
+    cat target/isolation/regression.diffs 2>/dev/null
+    exit 1
+}
+
 step "end-to-end suites"
 cargo build -p polar-meterd -p polar-emulator
 if [ -n "${PM_ONLY:-}" ]; then

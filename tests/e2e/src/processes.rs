@@ -303,19 +303,28 @@ impl Webhook {
                 };
                 let (sink, calls) = (sink.clone(), calls.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (sink, calls) = (sink.clone(), calls.clone());
-                        async move {
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")));
-                            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
-                                *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
-                            } else if let Ok(v) = serde_json::from_slice(&body) {
-                                sink.lock().unwrap().push(v);
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (sink, calls) = (sink.clone(), calls.clone());
+                            async move {
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from_static(b"ok"),
+                                ));
+                                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
+                                    *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                                } else if let Ok(v) = serde_json::from_slice(&body) {
+                                    sink.lock().unwrap().push(v);
+                                }
+                                Ok::<_, std::convert::Infallible>(resp)
                             }
-                            Ok::<_, std::convert::Infallible>(resp)
-                        }
-                    });
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                         .await;

@@ -2,15 +2,20 @@
 //! when one starts; with several sidecars each goes to the webhook once; a
 //! failing webhook is retried. NOTIFY is only a wake-up: a forged one
 //! forwards nothing, and a flood of them costs neither memory nor delivery.
-use pm_e2e::{eventually, idem, now_rfc3339, record_many, statuses, Emulator, Sidecar, TestDb, Webhook};
+use pm_e2e::{
+    eventually, idem, now_rfc3339, record_many, statuses, Emulator, Sidecar, TestDb, Webhook,
+};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
 async fn forwarded(pg: &tokio_postgres::Client) -> i64 {
-    pg.query_one("SELECT count(*) FROM meter.alert WHERE status = 'forwarded'", &[])
-        .await
-        .unwrap()
-        .get(0)
+    pg.query_one(
+        "SELECT count(*) FROM meter.alert WHERE status = 'forwarded'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 #[tokio::test]
@@ -18,13 +23,22 @@ async fn an_alert_raised_while_no_sidecar_runs_is_forwarded_once_one_starts() {
     let db = TestDb::new().await;
     let pg = db.admin().await;
     // pg_cron's check finds an organization Polar would refuse, long ago.
-    pg.batch_execute("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')").await.unwrap();
+    pg.batch_execute("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
+        .await
+        .unwrap();
     db.set(&pg, "provision_alert_after", "0").await;
-    let stats: Value = pg.query_one("SELECT meter.drain_meter_outbox()", &[]).await.unwrap().get(0);
+    let stats: Value = pg
+        .query_one("SELECT meter.drain_meter_outbox()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(stats["alerts_raised"], 1);
     let hook = Webhook::start().await;
     let _side = Sidecar::start(&db, &[("ALERT_WEBHOOK_URL", hook.url.as_str())]).await;
-    eventually(30, "the alert forwarded", || async { (forwarded(&pg).await == 1).then_some(()) }).await;
+    eventually(30, "the alert forwarded", || async {
+        (forwarded(&pg).await == 1).then_some(())
+    })
+    .await;
     let got = hook.bodies();
     assert_eq!(got.len(), 1, "{got:?}");
     let a = &got[0];
@@ -34,10 +48,22 @@ async fn an_alert_raised_while_no_sidecar_runs_is_forwarded_once_one_starts() {
     assert_eq!(a["dedup_key"], "customer_provisioning_failed:acme");
     assert!(a["alert_id"].as_str().unwrap().starts_with("acme/"));
     assert!(a["raised_at"].is_string() && a["attempt"] == 1);
-    assert!(a["detail"]["action"].as_str().unwrap().contains("upsert_organization"), "{a}");
+    assert!(
+        a["detail"]["action"]
+            .as_str()
+            .unwrap()
+            .contains("upsert_organization"),
+        "{a}"
+    );
     // The condition stands, but repeats only once per alert_repeat_after.
-    pg.query_one("SELECT meter.drain_meter_outbox()", &[]).await.unwrap();
-    let n: i64 = pg.query_one("SELECT count(*) FROM meter.alert", &[]).await.unwrap().get(0);
+    pg.query_one("SELECT meter.drain_meter_outbox()", &[])
+        .await
+        .unwrap();
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM meter.alert", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
 }
 
@@ -50,9 +76,20 @@ async fn with_three_sidecars_each_alert_reaches_the_webhook_exactly_once() {
         .unwrap();
     let hook = Webhook::start().await;
     let env = [("ALERT_WEBHOOK_URL", hook.url.as_str())];
-    let (_a, _b, _c) = (Sidecar::start(&db, &env).await, Sidecar::start(&db, &env).await, Sidecar::start(&db, &env).await);
-    eventually(60, "all forwarded", || async { (forwarded(&pg).await == 60).then_some(()) }).await;
-    let ids: Vec<String> = hook.bodies().iter().map(|b| b["alert_id"].as_str().unwrap().to_string()).collect();
+    let (_a, _b, _c) = (
+        Sidecar::start(&db, &env).await,
+        Sidecar::start(&db, &env).await,
+        Sidecar::start(&db, &env).await,
+    );
+    eventually(60, "all forwarded", || async {
+        (forwarded(&pg).await == 60).then_some(())
+    })
+    .await;
+    let ids: Vec<String> = hook
+        .bodies()
+        .iter()
+        .map(|b| b["alert_id"].as_str().unwrap().to_string())
+        .collect();
     let distinct: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(ids.len(), 60, "no alert twice");
     assert_eq!(distinct.len(), 60);
@@ -62,10 +99,15 @@ async fn with_three_sidecars_each_alert_reaches_the_webhook_exactly_once() {
 async fn a_failing_webhook_is_retried_until_it_takes_the_alert() {
     let db = TestDb::new().await;
     let pg = db.admin().await;
-    pg.batch_execute("SELECT meter._alert('outbox_stale', '', '{}')").await.unwrap();
+    pg.batch_execute("SELECT meter._alert('outbox_stale', '', '{}')")
+        .await
+        .unwrap();
     let hook = Webhook::failing_first(2).await;
     let _side = Sidecar::start(&db, &[("ALERT_WEBHOOK_URL", hook.url.as_str())]).await;
-    eventually(60, "forwarded after two refusals", || async { (forwarded(&pg).await == 1).then_some(()) }).await;
+    eventually(60, "forwarded after two refusals", || async {
+        (forwarded(&pg).await == 1).then_some(())
+    })
+    .await;
     let got = hook.bodies();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["attempt"], 3, "the same alert, on its third try");
@@ -93,12 +135,17 @@ async fn forged_notifications_forward_nothing_and_a_flood_costs_nothing() {
     env.push(("ALERT_WEBHOOK_URL".into(), hook.url.clone()));
     let side = Sidecar::start_with(&db, &env).await;
     record_many(&side, &[("acme".into(), key.clone())], 10, 4).await;
-    eventually(30, "warm-up delivered", || async { (statuses(&pg).await.get("sent") == Some(&10)).then_some(()) }).await;
+    eventually(30, "warm-up delivered", || async {
+        (statuses(&pg).await.get("sent") == Some(&10)).then_some(())
+    })
+    .await;
     let before = rss_kib(side.pid());
 
     // Anyone who can connect can NOTIFY: a role with no rights at all.
     let nobody = format!("nobody_{}", uuid::Uuid::new_v4().simple());
-    pg.batch_execute(&format!("CREATE ROLE {nobody} LOGIN")).await.unwrap();
+    pg.batch_execute(&format!("CREATE ROLE {nobody} LOGIN"))
+        .await
+        .unwrap();
     let forger = db.client_as(&nobody).await;
     forger
         .batch_execute(r#"NOTIFY polar_meter_alert, '{"kind": "forged", "organization_id": "acme", "detail": {"pay": "me"}}'"#)
@@ -106,7 +153,12 @@ async fn forged_notifications_forward_nothing_and_a_flood_costs_nothing() {
         .unwrap();
     for _ in 0..100 {
         let flood: String = (0..100)
-            .map(|_| format!("NOTIFY meter_outbox, '{}'; NOTIFY meter_reconcile, 'x'; ", uuid::Uuid::new_v4()))
+            .map(|_| {
+                format!(
+                    "NOTIFY meter_outbox, '{}'; NOTIFY meter_reconcile, 'x'; ",
+                    uuid::Uuid::new_v4()
+                )
+            })
             .collect();
         forger.batch_execute(&flood).await.unwrap();
     }
@@ -120,11 +172,26 @@ async fn forged_notifications_forward_nothing_and_a_flood_costs_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    eventually(15, "the next event delivered", || async { (statuses(&pg).await.get("sent") == Some(&11)).then_some(()) }).await;
+    eventually(15, "the next event delivered", || async {
+        (statuses(&pg).await.get("sent") == Some(&11)).then_some(())
+    })
+    .await;
     // A real alert goes through, and only it.
-    pg.batch_execute("SELECT meter._alert('drift', '', '{\"real\": true}', 'r1')").await.unwrap();
-    eventually(30, "the real alert forwarded", || async { (!hook.kinds().is_empty()).then_some(()) }).await;
-    assert_eq!(hook.kinds(), vec!["drift".to_string()], "the forged alert reached no webhook");
+    pg.batch_execute("SELECT meter._alert('drift', '', '{\"real\": true}', 'r1')")
+        .await
+        .unwrap();
+    eventually(30, "the real alert forwarded", || async {
+        (!hook.kinds().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        hook.kinds(),
+        vec!["drift".to_string()],
+        "the forged alert reached no webhook"
+    );
     let after = rss_kib(side.pid());
-    assert!(after < before + 10 * 1024, "20k notifications grew memory from {before} to {after} KiB");
+    assert!(
+        after < before + 10 * 1024,
+        "20k notifications grew memory from {before} to {after} KiB"
+    );
 }

@@ -67,7 +67,14 @@ const NUMBERS: &[&str] = &[
 /// digits, offsets from -23:59 to +23:59 or Z; and a few that are not.
 fn ts(r: &mut Rng) -> Value {
     if r.below(8) == 0 {
-        return json!(*r.pick(&["2026-01-01T00:00:00", "2026-02-30T00:00:00Z", "99999-01-01T00:00:00Z", "yesterday", "", "2026-01-01T00:00:00+24:00"]));
+        return json!(*r.pick(&[
+            "2026-01-01T00:00:00",
+            "2026-02-30T00:00:00Z",
+            "99999-01-01T00:00:00Z",
+            "yesterday",
+            "",
+            "2026-01-01T00:00:00+24:00"
+        ]));
     }
     let year = match r.below(4) {
         0 => 1 + r.below(9999),
@@ -75,12 +82,32 @@ fn ts(r: &mut Rng) -> Value {
     };
     let second = if r.below(10) == 0 { 60 } else { r.below(60) };
     let digits = r.below(13) as usize;
-    let fraction: String = if digits == 0 { String::new() } else { format!(".{}", (0..digits).map(|_| char::from(b'0' + r.below(10) as u8)).collect::<String>()) };
+    let fraction: String = if digits == 0 {
+        String::new()
+    } else {
+        format!(
+            ".{}",
+            (0..digits)
+                .map(|_| char::from(b'0' + r.below(10) as u8))
+                .collect::<String>()
+        )
+    };
     let offset = match r.below(3) {
         0 => "Z".to_string(),
-        _ => format!("{}{:02}:{:02}", if r.below(2) == 0 { '+' } else { '-' }, r.below(24), r.below(60)),
+        _ => format!(
+            "{}{:02}:{:02}",
+            if r.below(2) == 0 { '+' } else { '-' },
+            r.below(24),
+            r.below(60)
+        ),
     };
-    json!(format!("{year:04}-{:02}-{:02}T{:02}:{:02}:{second:02}{fraction}{offset}", 1 + r.below(12), 1 + r.below(28), r.below(24), r.below(60)))
+    json!(format!(
+        "{year:04}-{:02}-{:02}T{:02}:{:02}:{second:02}{fraction}{offset}",
+        1 + r.below(12),
+        1 + r.below(28),
+        r.below(24),
+        r.below(60)
+    ))
 }
 
 /// One request: (headers, body bytes, idempotency key).
@@ -313,15 +340,27 @@ async fn ten_thousand_hostile_requests_never_break_the_contract() {
 }
 
 fn batch_item(r: &mut Rng, i: usize, j: usize) -> Value {
-    let key = if r.below(10) == 0 { format!("fb-{}", r.below((i * 50 + j) as u64 + 1)) } else { format!("fb-{i}-{j}") };
+    let key = if r.below(10) == 0 {
+        format!("fb-{}", r.below((i * 50 + j) as u64 + 1))
+    } else {
+        format!("fb-{i}-{j}")
+    };
     match r.below(12) {
         0 => json!(*r.pick(&[json!(null), json!(1), json!("s"), json!([])])),
-        1 => json!({"idempotency_key": key, "event_name": "e", "event_timestamp": ts(r), "extra": 1}),
-        2 => json!({"idempotency_key": r.pick(NASTY), "event_name": r.pick(NASTY), "event_timestamp": "2026-01-01T00:00:00Z"}),
-        3 => json!({"idempotency_key": key, "event_name": "e", "event_timestamp": ts(r), "metadata": {"n": r.pick(NUMBERS)}}),
+        1 => {
+            json!({"idempotency_key": key, "event_name": "e", "event_timestamp": ts(r), "extra": 1})
+        }
+        2 => {
+            json!({"idempotency_key": r.pick(NASTY), "event_name": r.pick(NASTY), "event_timestamp": "2026-01-01T00:00:00Z"})
+        }
+        3 => {
+            json!({"idempotency_key": key, "event_name": "e", "event_timestamp": ts(r), "metadata": {"n": r.pick(NUMBERS)}})
+        }
         4 => json!({"idempotency_key": key, "event_name": 7, "event_timestamp": false}),
         5 => json!({"idempotency_key": key, "event_name": "e", "event_timestamp": ts(r)}),
-        _ => json!({"idempotency_key": key, "event_name": "api.request", "event_timestamp": "2026-01-01T00:00:00Z", "metadata": {"n": r.below(3)}}),
+        _ => {
+            json!({"idempotency_key": key, "event_name": "api.request", "event_timestamp": "2026-01-01T00:00:00Z", "metadata": {"n": r.below(3)}})
+        }
     }
 }
 
@@ -344,10 +383,21 @@ fn batch_body(r: &mut Rng, i: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn hostile_batches_never_break_the_contract() {
-    let n: usize = std::env::var("PM_FUZZ_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000) / 10;
-    let seed: u64 = std::env::var("PM_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
-    });
+    let n: usize = std::env::var("PM_FUZZ_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+        / 10;
+    let seed: u64 = std::env::var("PM_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
     println!("fuzz (batch): {n} requests, PM_FUZZ_SEED={seed}");
     let db = TestDb::new().await;
     let pg = db.admin().await;
@@ -361,11 +411,25 @@ async fn hostile_batches_never_break_the_contract() {
     let results: Vec<(u16, String, Vec<u8>, Option<usize>)> = futures_util::stream::iter(bodies)
         .map(|body| {
             let (client, url, key) = (client.clone(), url.clone(), key.clone());
-            let items = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["events"].as_array().map(Vec::len));
+            let items = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["events"].as_array().map(Vec::len));
             async move {
-                match client.post(&url).bearer_auth(&key).header("content-type", "application/json").body(body).send().await {
+                match client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
                     Ok(r) => {
-                        let ct = r.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                        let ct = r
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
                         let s = r.status().as_u16();
                         (s, ct, r.bytes().await.unwrap().to_vec(), items)
                     }
@@ -379,19 +443,31 @@ async fn hostile_batches_never_break_the_contract() {
     let mut recorded = HashSet::new();
     for (status, ct, body, items) in &results {
         assert!(*status != 0, "transport failure: {ct}");
-        assert!(*status < 500, "a {status}: {}", String::from_utf8_lossy(body));
+        assert!(
+            *status < 500,
+            "a {status}: {}",
+            String::from_utf8_lossy(body)
+        );
         let v: Value = serde_json::from_slice(body).expect("JSON");
         if *status == 202 {
             let res = v["results"].as_array().expect("results");
             assert_eq!(Some(res.len()), *items, "a result per item, in order");
             for (i, r) in res.iter().enumerate() {
                 match r["status"].as_str() {
-                    Some("recorded") => assert!(recorded.insert(r["event_id"].as_str().unwrap().to_string())),
+                    Some("recorded") => {
+                        assert!(recorded.insert(r["event_id"].as_str().unwrap().to_string()))
+                    }
                     Some("already_recorded") => assert!(r["event_id"].is_string()),
                     Some("error") => {
                         assert_eq!(r["problem"]["index"], i, "{r}");
-                        assert!(r["problem"]["type"].as_str().unwrap().starts_with("https://polar-meter.dev/problems/"));
-                        assert!((400..500).contains(&r["problem"]["status"].as_u64().unwrap()), "{r}");
+                        assert!(r["problem"]["type"]
+                            .as_str()
+                            .unwrap()
+                            .starts_with("https://polar-meter.dev/problems/"));
+                        assert!(
+                            (400..500).contains(&r["problem"]["status"].as_u64().unwrap()),
+                            "{r}"
+                        );
                     }
                     other => panic!("item status {other:?}"),
                 }
@@ -408,7 +484,10 @@ async fn hostile_batches_never_break_the_contract() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(rows, recorded, "every recorded item is exactly one stored row");
+    assert_eq!(
+        rows, recorded,
+        "every recorded item is exactly one stored row"
+    );
     assert!(!side.logs_text().contains("panicked"), "no panic");
 }
 
@@ -422,7 +501,8 @@ async fn slow_partial_and_vanishing_clients_never_break_it() {
     let side = Sidecar::start(&db, &[("POLAR_METER_BODY_TIMEOUT_SECS", "2")]).await;
     let addr = side.base.trim_start_matches("http://").to_string();
     let request = |idem: &str| {
-        let body = json!({"event_name": "e", "event_timestamp": "2026-01-01T00:00:00Z"}).to_string();
+        let body =
+            json!({"event_name": "e", "event_timestamp": "2026-01-01T00:00:00Z"}).to_string();
         format!(
             "POST /api/v1/meter HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nIdempotency-Key: {idem}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -457,17 +537,40 @@ async fn slow_partial_and_vanishing_clients_never_break_it() {
                 _ => s.write_all(&bytes[..bytes.len() - 10]).await.unwrap(),
             }
             let mut answer = Vec::new();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                s.read_to_end(&mut answer),
+            )
+            .await;
             Some((i % 4, String::from_utf8_lossy(&answer).into_owned()))
         }));
     }
     for t in tasks {
         if let Some((kind, answer)) = t.await.unwrap() {
-            let want = if kind == 0 { "HTTP/1.1 202" } else { "HTTP/1.1 408" };
+            let want = if kind == 0 {
+                "HTTP/1.1 202"
+            } else {
+                "HTTP/1.1 408"
+            };
             assert!(answer.starts_with(want), "{kind}: {answer:?}");
         }
     }
-    let n: i64 = pg.query_one("SELECT count(*) FROM meter.meter_event", &[]).await.unwrap().get(0);
-    assert_eq!(n, 10, "the ten complete requests, and nothing from those that left");
-    assert_eq!(http().get(side.url("/healthz")).send().await.unwrap().status(), 200);
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM meter.meter_event", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 10,
+        "the ten complete requests, and nothing from those that left"
+    );
+    assert_eq!(
+        http()
+            .get(side.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

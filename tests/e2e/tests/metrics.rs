@@ -12,14 +12,30 @@ async fn delivery_metrics_are_exposed_and_promtool_accepts_them() {
     let emu = Emulator::start(&[]).await;
     let side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
     record_many(&side, &[("acme".into(), key)], 50, 8).await;
-    eventually(30, "delivered", || async { (statuses(&pg).await.get("sent") == Some(&50)).then_some(()) }).await;
+    eventually(30, "delivered", || async {
+        (statuses(&pg).await.get("sent") == Some(&50)).then_some(())
+    })
+    .await;
     pg.batch_execute("SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'counts'); SELECT meter._alert('drift', '', '{}')")
         .await
         .unwrap();
-    let text = eventually(30, "the reconcile run and the alert in /metrics", || async {
-        let t = http().get(side.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        (t.contains("polar_meter_reconcile_last_age_seconds") && t.contains("polar_meter_alerts_raised_total 1")).then_some(t)
-    })
+    let text = eventually(
+        30,
+        "the reconcile run and the alert in /metrics",
+        || async {
+            let t = http()
+                .get(side.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            (t.contains("polar_meter_reconcile_last_age_seconds")
+                && t.contains("polar_meter_alerts_raised_total 1"))
+            .then_some(t)
+        },
+    )
     .await;
     for needle in [
         "polar_meter_polar_requests_total{endpoint=\"POST /v1/events/ingest\",outcome=\"2xx\"}",
@@ -46,7 +62,12 @@ async fn delivery_metrics_are_exposed_and_promtool_accepts_them() {
         .spawn()
         .expect("promtool (Debian package prometheus; make test installs it)");
     use std::io::Write;
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = promtool.wait_with_output().unwrap();
     assert!(
         out.status.success(),

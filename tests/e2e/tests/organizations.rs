@@ -4,10 +4,13 @@
 use pm_e2e::{eventually, sqlstate, Emulator, Sidecar, TestDb};
 
 async fn customer(pg: &tokio_postgres::Client, org: &str) -> Option<String> {
-    pg.query_one("SELECT polar_customer_id FROM meter.organization WHERE id = $1", &[&org])
-        .await
-        .unwrap()
-        .get(0)
+    pg.query_one(
+        "SELECT polar_customer_id FROM meter.organization WHERE id = $1",
+        &[&org],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 #[tokio::test]
@@ -24,28 +27,66 @@ async fn polars_rule_for_a_team_customer_is_applied_before_a_row_exists() {
         ("'acme', NULL, 'a@b.co'", "name"),
         ("'acme', repeat('n', 257), 'a@b.co'", "name"),
     ] {
-        let r = pg.query_one(&format!("SELECT * FROM meter.upsert_organization({args})"), &[]).await;
+        let r = pg
+            .query_one(
+                &format!("SELECT * FROM meter.upsert_organization({args})"),
+                &[],
+            )
+            .await;
         let (code, msg) = pm_e2e::db_error(r);
         assert_eq!(code, "PM036", "{args}");
         assert!(msg.contains(needle), "{args}: {msg}");
     }
-    let n: i64 = pg.query_one("SELECT count(*) FROM meter.organization", &[]).await.unwrap().get(0);
+    let n: i64 = pg
+        .query_one("SELECT count(*) FROM meter.organization", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
     // A DBA who is not a superuser manages organizations through the function.
     let dba = format!("dba_{}", uuid::Uuid::new_v4().simple());
-    pg.batch_execute(&format!("CREATE ROLE {dba} LOGIN IN ROLE polar_meter_admin")).await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE ROLE {dba} LOGIN IN ROLE polar_meter_admin"
+    ))
+    .await
+    .unwrap();
     let dba = db.client_as(&dba).await;
     let row = dba
         .query_one("SELECT id, email, owner_email FROM meter.upsert_organization('acme', 'Acme', NULL, 'ceo@acme.example', 'Ada')", &[])
         .await
         .unwrap();
-    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("ceo@acme.example"));
-    assert_eq!(sqlstate(dba.execute("INSERT INTO meter.organization (id, name) VALUES ('x', 'x')", &[]).await), "42501");
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("ceo@acme.example")
+    );
+    assert_eq!(
+        sqlstate(
+            dba.execute(
+                "INSERT INTO meter.organization (id, name) VALUES ('x', 'x')",
+                &[]
+            )
+            .await
+        ),
+        "42501"
+    );
     // The sidecar's role cannot.
     let side = format!("side_{}", uuid::Uuid::new_v4().simple());
-    pg.batch_execute(&format!("CREATE ROLE {side} LOGIN IN ROLE polar_meter_sidecar")).await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE ROLE {side} LOGIN IN ROLE polar_meter_sidecar"
+    ))
+    .await
+    .unwrap();
     let side = db.client_as(&side).await;
-    assert_eq!(sqlstate(side.query_one("SELECT * FROM meter.upsert_organization('evil', 'Evil', 'e@evil.example')", &[]).await), "42501");
+    assert_eq!(
+        sqlstate(
+            side.query_one(
+                "SELECT * FROM meter.upsert_organization('evil', 'Evil', 'e@evil.example')",
+                &[]
+            )
+            .await
+        ),
+        "42501"
+    );
     let audited: i64 = pg
         .query_one("SELECT count(*) FROM meter.audit_log WHERE action = 'organization.created' AND organization_id = 'acme'", &[])
         .await
@@ -66,7 +107,10 @@ async fn an_owner_stands_in_for_the_email_and_a_change_reaches_polar() {
     )
     .await
     .unwrap();
-    let id = eventually(30, "acme provisioned", || async { customer(&pg, "acme").await }).await;
+    let id = eventually(30, "acme provisioned", || async {
+        customer(&pg, "acme").await
+    })
+    .await;
     let c = &emu.customers().await[0];
     assert_eq!(c["id"], id.as_str());
     assert_eq!(c["type"], "team");
@@ -78,7 +122,8 @@ async fn an_owner_stands_in_for_the_email_and_a_change_reaches_polar() {
         .unwrap();
     eventually(30, "Polar holds the new name and email", || async {
         let cs = emu.customers().await;
-        (cs.len() == 1 && cs[0]["name"] == "Acme Corp" && cs[0]["email"] == "billing@acme.example").then_some(())
+        (cs.len() == 1 && cs[0]["name"] == "Acme Corp" && cs[0]["email"] == "billing@acme.example")
+            .then_some(())
     })
     .await;
     eventually(30, "the change marked as synced", || async {
@@ -90,12 +135,23 @@ async fn an_owner_stands_in_for_the_email_and_a_change_reaches_polar() {
     })
     .await;
     assert_eq!(customer(&pg, "acme").await, Some(id));
-    let patched = emu.stats().await["requests"].as_object().unwrap().keys().any(|k| k.starts_with("PATCH /v1/customers/"));
+    let patched = emu.stats().await["requests"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .any(|k| k.starts_with("PATCH /v1/customers/"));
     assert!(patched, "through PATCH /v1/customers/{{id}}");
     // Owner-only changes are kept here and not pushed (Polar's owner is a member it made once).
     pg.execute("SELECT meter.upsert_organization('acme', 'Acme Corp', 'billing@acme.example', 'cto@acme.example')", &[])
         .await
         .unwrap();
-    let v: i32 = pg.query_one("SELECT customer_version FROM meter.organization WHERE id = 'acme'", &[]).await.unwrap().get(0);
+    let v: i32 = pg
+        .query_one(
+            "SELECT customer_version FROM meter.organization WHERE id = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(v, 1);
 }

@@ -242,7 +242,13 @@ async fn reconcile_mode(d: &Day, mode: &str) -> (i64, Value) {
         .unwrap()
         .get(0);
     let result = eventually(60, "the run done", || async {
-        let r = d.pg.query_one("SELECT status, result FROM meter.reconcile_run WHERE id = $1", &[&id]).await.unwrap();
+        let r =
+            d.pg.query_one(
+                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
         (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
     })
     .await;
@@ -250,7 +256,9 @@ async fn reconcile_mode(d: &Day, mode: &str) -> (i64, Value) {
 }
 
 async fn list_calls(emu: &Emulator) -> u64 {
-    emu.stats().await["requests"]["GET /v1/events/ 200"].as_u64().unwrap_or(0)
+    emu.stats().await["requests"]["GET /v1/events/ 200"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -260,11 +268,22 @@ async fn a_clean_day_in_counts_mode_costs_one_request_per_pair_and_lists_nothing
     let (_, r) = reconcile_mode(&d, "counts").await;
     // 2 organizations x 2 event names, and the window's total.
     assert_eq!(list_calls(&d.emu).await - before, 5, "{r}");
-    assert_eq!((r["mode"].as_str(), r["drift"].as_i64(), r["pairs_listed"].as_i64()), (Some("counts"), Some(0), Some(0)));
+    assert_eq!(
+        (
+            r["mode"].as_str(),
+            r["drift"].as_i64(),
+            r["pairs_listed"].as_i64()
+        ),
+        (Some("counts"), Some(0), Some(0))
+    );
     assert_eq!(r["local_sent"], 2_000);
     assert_eq!(r["remote_total"], 2_000);
     assert_eq!(audit_count(&d.pg, "reconcile.clean").await, 1);
-    let copies: i64 = d.pg.query_one("SELECT count(*) FROM meter.reconcile_remote", &[]).await.unwrap().get(0);
+    let copies: i64 =
+        d.pg.query_one("SELECT count(*) FROM meter.reconcile_remote", &[])
+            .await
+            .unwrap()
+            .get(0);
     assert_eq!(copies, 0, "nothing copied, nothing left");
 }
 
@@ -273,13 +292,28 @@ async fn counts_that_differ_list_only_that_pair_and_name_every_missing_event() {
     let d = delivered_day(1_000).await;
     let deleted = delete_acme_events(&d.emu, 7).await;
     let (_, r) = reconcile_mode(&d, "counts").await;
-    assert!(r["pairs_listed"].as_i64().unwrap() >= 1 && r["pairs_listed"].as_i64().unwrap() <= 2, "acme's pairs only: {r}");
+    assert!(
+        r["pairs_listed"].as_i64().unwrap() >= 1 && r["pairs_listed"].as_i64().unwrap() <= 2,
+        "acme's pairs only: {r}"
+    );
     assert_eq!(r["missing_at_polar"]["count"], 7);
-    let missing: BTreeSet<String> = r["missing_at_polar"]["event_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let missing: BTreeSet<String> = r["missing_at_polar"]["event_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(missing, deleted);
     assert_eq!(r["drift"], 7);
-    let copies: i64 = d.pg.query_one("SELECT count(*) FROM meter.reconcile_remote", &[]).await.unwrap().get(0);
-    assert_eq!(copies, 0, "the copy of Polar's events is pruned once the run is done");
+    let copies: i64 =
+        d.pg.query_one("SELECT count(*) FROM meter.reconcile_remote", &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(
+        copies, 0,
+        "the copy of Polar's events is pruned once the run is done"
+    );
 }
 
 #[tokio::test]
@@ -306,21 +340,39 @@ async fn a_run_that_keeps_failing_ends_failed_with_an_alert() {
     d.db.set(&d.pg, "backoff_base", "10 milliseconds").await;
     d.db.set(&d.pg, "reconcile_max_tries", "3").await;
     // Every listing of a window fails; Polar answers everything else.
-    d.emu.faults(serde_json::json!({"error_5xx": 1.0, "only": ["GET /v1/events/?start_timestamp"]})).await;
+    d.emu
+        .faults(serde_json::json!({"error_5xx": 1.0, "only": ["GET /v1/events/?start_timestamp"]}))
+        .await;
     let id: i64 =
-        d.pg.query_one("SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'full')", &[])
-            .await
-            .unwrap()
-            .get(0);
+        d.pg.query_one(
+            "SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'full')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let (tries, err): (i32, String) = eventually(60, "the run failed", || async {
-        let r = d.pg.query_one("SELECT status, attempts, last_error FROM meter.reconcile_run WHERE id = $1", &[&id]).await.unwrap();
+        let r =
+            d.pg.query_one(
+                "SELECT status, attempts, last_error FROM meter.reconcile_run WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
         (r.get::<_, String>(0) == "failed").then(|| (r.get(1), r.get(2)))
     })
     .await;
     assert_eq!(tries, 3);
     assert!(err.contains("HTTP 5"), "{err}");
     assert_eq!(audit_count(&d.pg, "alert.reconcile_failing").await, 1);
-    let kind: String = d.pg.query_one("SELECT kind FROM meter.alert WHERE kind = 'reconcile_failing'", &[]).await.unwrap().get(0);
+    let kind: String =
+        d.pg.query_one(
+            "SELECT kind FROM meter.alert WHERE kind = 'reconcile_failing'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(kind, "reconcile_failing");
 }
 
@@ -329,7 +381,11 @@ async fn no_run_covering_yesterday_by_the_configured_hour_is_overdue() {
     let db = TestDb::new().await;
     let pg = db.admin().await;
     db.set(&pg, "reconcile_overdue_hour", "0").await;
-    let raised: i32 = pg.query_one("SELECT meter.check_delivery_health()", &[]).await.unwrap().get(0);
+    let raised: i32 = pg
+        .query_one("SELECT meter.check_delivery_health()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(raised, 1);
     assert_eq!(audit_count(&pg, "alert.reconcile_overdue").await, 1);
     // A finished run today over a window ending yesterday or later settles it.
@@ -340,7 +396,11 @@ async fn no_run_covering_yesterday_by_the_configured_hour_is_overdue() {
     )
     .await
     .unwrap();
-    let raised: i32 = pg.query_one("SELECT meter.check_delivery_health()", &[]).await.unwrap().get(0);
+    let raised: i32 = pg
+        .query_one("SELECT meter.check_delivery_health()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(raised, 0);
 }
 
@@ -359,17 +419,33 @@ async fn an_event_recorded_days_after_its_timestamp_is_reconciled_in_its_own_win
         .unwrap()
         .get(0);
     let first = eventually(60, "the old window reconciled", || async {
-        let r = pg.query_one("SELECT status, result FROM meter.reconcile_run WHERE id = $1", &[&old]).await.unwrap();
+        let r = pg
+            .query_one(
+                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
+                &[&old],
+            )
+            .await
+            .unwrap();
         (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
     })
     .await;
     assert_eq!(first["local_sent"], 0);
     // The event arrives today, timestamped three days ago, and is delivered.
     let ts = (chrono::Utc::now() - chrono::Duration::days(3)).to_rfc3339();
-    pg.execute("SELECT meter.record_event($1, 'late', 'api.request', $2::text)", &[&key, &ts]).await.unwrap();
-    eventually(30, "the late event sent", || async { (statuses(&pg).await.get("sent") == Some(&1)).then_some(()) }).await;
+    pg.execute(
+        "SELECT meter.record_event($1, 'late', 'api.request', $2::text)",
+        &[&key, &ts],
+    )
+    .await
+    .unwrap();
+    eventually(30, "the late event sent", || async {
+        (statuses(&pg).await.get("sent") == Some(&1)).then_some(())
+    })
+    .await;
     // The daily job re-opens that window.
-    pg.query_one("SELECT meter.reconcile_meter_to_polar()", &[]).await.unwrap();
+    pg.query_one("SELECT meter.reconcile_meter_to_polar()", &[])
+        .await
+        .unwrap();
     let again = eventually(60, "the window reconciled again", || async {
         let r = pg
             .query_opt(
@@ -397,30 +473,61 @@ async fn an_event_given_up_on_that_polar_holds_is_healed_to_sent() {
     let emu = Emulator::start(&[]).await;
     let side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
     eventually(30, "acme provisioned", || async {
-        let n: i64 = pg.query_one("SELECT count(*) FROM meter.organization WHERE polar_customer_id IS NOT NULL", &[]).await.unwrap().get(0);
+        let n: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM meter.organization WHERE polar_customer_id IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
         (n == 1).then_some(())
     })
     .await;
     // Polar commits every batch and the answer never arrives: seven failures, dropped.
-    emu.faults(serde_json::json!({"commit_then_drop": 1.0, "only": ["POST /v1/events/ingest"]})).await;
+    emu.faults(serde_json::json!({"commit_then_drop": 1.0, "only": ["POST /v1/events/ingest"]}))
+        .await;
     record_many(&side, &[("acme".into(), key)], 5, 1).await;
-    eventually(60, "dropped after seven tries", || async { (statuses(&pg).await.get("dropped") == Some(&5)).then_some(()) }).await;
+    eventually(60, "dropped after seven tries", || async {
+        (statuses(&pg).await.get("dropped") == Some(&5)).then_some(())
+    })
+    .await;
     emu.faults(serde_json::json!({})).await;
-    assert_eq!(emu.events().await["events"].as_array().unwrap().len(), 5, "yet Polar holds them (once each)");
+    assert_eq!(
+        emu.events().await["events"].as_array().unwrap().len(),
+        5,
+        "yet Polar holds them (once each)"
+    );
     let id: i64 = pg
-        .query_one("SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'full')", &[])
+        .query_one(
+            "SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'full')",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
     let r = eventually(60, "the run done", || async {
-        let r = pg.query_one("SELECT status, result FROM meter.reconcile_run WHERE id = $1", &[&id]).await.unwrap();
+        let r = pg
+            .query_one(
+                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
         (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
     })
     .await;
     assert_eq!(r["healed"], 5, "{r}");
     assert_eq!(r["drift"], 0);
     assert_eq!(statuses(&pg).await.get("sent"), Some(&5));
-    let with_ids: i64 = pg.query_one("SELECT count(*) FROM meter.meter_event WHERE polar_event_id IS NOT NULL", &[]).await.unwrap().get(0);
+    let with_ids: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM meter.meter_event WHERE polar_event_id IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(with_ids, 5);
     assert_eq!(audit_count(&pg, "event.healed").await, 5);
 }

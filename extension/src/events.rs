@@ -21,6 +21,8 @@ fn _batch_violation(events: Option<JsonB>) -> Option<Vec<String>> {
 
 /// Every item of a batch, checked: its fields, or its violation. `now` and
 /// `max_skew_us` bound the timestamp (passed in, so the function stays immutable).
+// pgrx reads the column names from this signature, so it cannot be an alias.
+#[allow(clippy::type_complexity)]
 #[pg_extern(immutable, parallel_safe)]
 fn _check_events(
     events: Option<JsonB>,

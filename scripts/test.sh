@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every test suite, in the order CI runs them (STYLE.md): format, lints, pure
+# Every test suite, in the order CI runs them : format, lints, pure
 # unit tests, then the extension installed into a throwaway cluster and the
 # end-to-end suites against it. Prints a Postgres log tail on failure.
 set -euo pipefail

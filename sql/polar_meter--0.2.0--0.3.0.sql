@@ -306,7 +306,7 @@ IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_batch_violation_wrapper';
 
--- extension/src/events.rs:24
+-- extension/src/events.rs:26
 -- polar_meter::events::_check_events
 CREATE OR REPLACE FUNCTION "_check_events"(
 	"events" jsonb, /* Option < JsonB > */
@@ -352,7 +352,7 @@ AS 'MODULE_PATHNAME', '_drift_violation_wrapper';
 -- polar_meter::compat::_event_violation
 -- Skipped due to `#[pgrx(sql = false)]`
 
--- extension/src/events.rs:70
+-- extension/src/events.rs:72
 -- polar_meter::events::_external_id
 CREATE OR REPLACE FUNCTION "_external_id"(
 	"organization_id" TEXT, /* & str */
@@ -399,7 +399,7 @@ IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_organization_violation_wrapper';
 
--- extension/src/events.rs:60
+-- extension/src/events.rs:62
 -- polar_meter::events::_payload_hash
 CREATE OR REPLACE FUNCTION "_payload_hash"(
 	"event_name" TEXT, /* & str */
@@ -410,7 +410,7 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_payload_hash_wrapper';
 
--- extension/src/events.rs:76
+-- extension/src/events.rs:78
 -- polar_meter::events::_reserved_metadata_key
 CREATE OR REPLACE FUNCTION "_reserved_metadata_key"() RETURNS TEXT /* & '_ str */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -2433,12 +2433,13 @@ SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     r meter.reconcile_run := meter._running_run(run_id, lease);
+    v_mid text := meter._reserved_metadata_key();   -- where delivery put our event id
     n int;
 BEGIN
     INSERT INTO meter.reconcile_remote (organization_id, run_id, polar_event_id, meter_event_id, event_name, event_timestamp)
     SELECT coalesce(e->>'external_customer_id', e->'customer'->>'external_id', ''), r.id, e->>'id',
-           CASE WHEN e->'metadata'->>'meter_event_id' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                THEN (e->'metadata'->>'meter_event_id')::uuid END,
+           CASE WHEN e->'metadata'->>v_mid ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                THEN (e->'metadata'->>v_mid)::uuid END,
            e->>'name', (e->>'timestamp')::timestamptz
     FROM jsonb_array_elements(events) e
     ON CONFLICT DO NOTHING;   -- offset pages can repeat an event: keep it once

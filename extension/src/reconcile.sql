@@ -267,12 +267,13 @@ SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     r meter.reconcile_run := meter._running_run(run_id, lease);
+    v_mid text := meter._reserved_metadata_key();   -- where delivery put our event id
     n int;
 BEGIN
     INSERT INTO meter.reconcile_remote (organization_id, run_id, polar_event_id, meter_event_id, event_name, event_timestamp)
     SELECT coalesce(e->>'external_customer_id', e->'customer'->>'external_id', ''), r.id, e->>'id',
-           CASE WHEN e->'metadata'->>'meter_event_id' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                THEN (e->'metadata'->>'meter_event_id')::uuid END,
+           CASE WHEN e->'metadata'->>v_mid ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                THEN (e->'metadata'->>v_mid)::uuid END,
            e->>'name', (e->>'timestamp')::timestamptz
     FROM jsonb_array_elements(events) e
     ON CONFLICT DO NOTHING;   -- offset pages can repeat an event: keep it once

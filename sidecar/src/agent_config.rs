@@ -34,6 +34,8 @@ pub fn document() -> Value {
         "endpoints": {
             "meter": {"method": "POST", "path": "/api/v1/meter", "permission": "fence:meter",
                       "headers": ["Authorization", "Idempotency-Key"]},
+            "meter_batch": {"method": "POST", "path": "/api/v1/meter/batch", "permission": "fence:meter",
+                            "headers": ["Authorization"], "max_events": polar_meter_rules::batch::MAX_EVENTS},
             "api_keys_create": {"method": "POST", "path": "/api/v1/api-keys", "permission": "keys:manage"},
             "api_keys_list": {"method": "GET", "path": "/api/v1/api-keys", "permission": "keys:manage"},
             "api_keys_revoke": {"method": "DELETE", "path": "/api/v1/api-keys/{id}", "permission": "keys:manage"},

@@ -106,6 +106,15 @@ pub struct Config {
     #[arg(long, env = "POLAR_METER_STATEMENT_TIMEOUT_MS", default_value_t = 5000)]
     pub statement_timeout_ms: u64,
 
+    /// statement_timeout of background SQL (delivery reports, reconciliation), in seconds:
+    /// long enough for a 1M-event reconcile_finish, short enough that a stuck lock ends.
+    #[arg(
+        long,
+        env = "POLAR_METER_BACKGROUND_STATEMENT_TIMEOUT_SECS",
+        default_value_t = 300
+    )]
+    pub background_statement_timeout_secs: u64,
+
     /// Longest wait for a free request connection, in milliseconds (past it: 503 + Retry-After).
     #[arg(long, env = "POLAR_METER_POOL_WAIT_MS", default_value_t = 2000)]
     pub pool_wait_ms: u64,

@@ -1,5 +1,5 @@
-//! Connections to PostgreSQL: the two pools (HTTP requests under a statement
-//! timeout; background work, whose calls can be long, without one), the
+//! Connections to PostgreSQL: the two pools (HTTP requests under a short
+//! statement timeout; background work, whose calls can be long, under a long one), the
 //! LISTEN connection, TLS as libpq's sslmode means it, and how failures are
 //! classified: a client mistake (a SQLSTATE), or the database being away.
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -28,6 +28,10 @@ impl Target {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(3));
         }
+        // A peer that vanished without a FIN (a failover, a dropped NAT entry)
+        // is noticed in about a minute, not after the kernel's two hours: the
+        // LISTEN session otherwise waits on it silently.
+        config.keepalives_idle(Duration::from_secs(30));
         config.ssl_mode(match ssl.mode {
             crate::db_tls::Mode::Disable => SslMode::Disable,
             crate::db_tls::Mode::Prefer => SslMode::Prefer,
@@ -101,6 +105,7 @@ impl Pools {
         request_size: usize,
         background_size: usize,
         statement_timeout: Duration,
+        background_statement_timeout: Duration,
         pool_wait: Duration,
     ) -> Result<Self, String> {
         let requests = target
@@ -109,9 +114,14 @@ impl Pools {
                 &statement_timeout.as_millis().to_string(),
             )
             .pool(request_size, pool_wait)?;
-        // Long calls live here (a 1M-event reconcile_finish takes seconds);
-        // their bound is the lease the database holds, not a statement timeout.
-        let background = target.pool(background_size, Duration::from_secs(30))?;
+        // Long calls live here (a 1M-event reconcile_finish takes seconds),
+        // apart from requests, under a bound of their own.
+        let background = target
+            .with_setting(
+                "statement_timeout",
+                &background_statement_timeout.as_millis().to_string(),
+            )
+            .pool(background_size, Duration::from_secs(30))?;
         Ok(Pools {
             requests,
             background,

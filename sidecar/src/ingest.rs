@@ -11,6 +11,7 @@
 //! (POLAR_METER_MAX_PENDING_EVENTS, then 503).
 use deadpool_postgres::Pool;
 use polar_meter_rules::batch::MAX_EVENTS;
+use polar_meter_rules::sqlstate;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,10 +59,16 @@ pub struct Recorder {
 fn whole_call(e: &DbError) -> bool {
     match e {
         DbError::Unavailable(_) | DbError::Internal(_) => true,
-        DbError::Sql { code, .. } => matches!(
-            code.as_str(),
-            "PM001" | "PM002" | "PM003" | "PM004" | "PM005" | "PM006" | "PM016"
-        ),
+        DbError::Sql { code, .. } => [
+            sqlstate::KEY_MALFORMED,
+            sqlstate::KEY_UNKNOWN,
+            sqlstate::KEY_REVOKED,
+            sqlstate::KEY_EXPIRED,
+            sqlstate::KEY_PERMISSION,
+            sqlstate::PERMISSION_NOT_HELD,
+            sqlstate::BATCH_ENVELOPE,
+        ]
+        .contains(&code.as_str()),
     }
 }
 

@@ -66,6 +66,7 @@ fn pools(cfg: &Config, request_size: usize, background_size: usize) -> Result<Po
         request_size,
         background_size,
         Duration::from_millis(cfg.statement_timeout_ms.max(1)),
+        Duration::from_secs(cfg.background_statement_timeout_secs.max(1)),
         Duration::from_millis(cfg.pool_wait_ms.max(1)),
     )
 }

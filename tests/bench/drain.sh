@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Backlog benchmark (DESIGN.md: a 100k-event backlog reaches Polar within 20%
+# Backlog benchmark (target: a 100k-event backlog reaches Polar within 20%
 # of the time the rate limit allows). The emulator enforces Polar's
 # production limit (500 requests/minute); the sidecar is allowed the same.
 # Lower bound = ceil(events / batch) requests / (500/60 per second).

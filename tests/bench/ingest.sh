@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ingest benchmark (DESIGN.md: HTTP ingest >= 60% of pgbench running the same
+# Ingest benchmark (target: HTTP ingest >= 60% of pgbench running the same
 # INSERT at the same client count, both durable; sidecar RSS <= 64 MiB).
 # Runs in one go on one machine, against a durable cluster of its own:
 #   pgbench  INSERT meter_event + audit row      (the baseline)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reconciliation at scale (DESIGN.md: compute_drift over 1M events finishes in
+# Reconciliation at scale (target: compute_drift over 1M events finishes in
 # seconds). 1M sent events over 100 orgs and a 24 h window, Polar's list of
 # them (less 1%) already handed back; times meter.reconcile_finish (drift,
 # missing/unexpected by id, polar_event_id write-back) and compute_drift alone.

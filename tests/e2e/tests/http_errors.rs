@@ -1,4 +1,4 @@
-//! Every error of DESIGN.md's status list, produced by a real request and
+//! Every HTTP error polar-meterd answers (README, "Errors"), produced by a real request and
 //! checked for status, problem+json and its stable type.
 use pm_e2e::{http, idem, now_rfc3339, Sidecar, TestDb};
 use serde_json::{json, Value};

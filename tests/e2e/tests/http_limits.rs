@@ -3,7 +3,7 @@
 //! timeout, slow bodies at the body deadline; request SQL runs under a
 //! statement timeout with a bounded wait for a connection (503 +
 //! Retry-After); idle connections by the hundred do not lock out a client.
-use pm_e2e::{http, idem, now_rfc3339, Sidecar, TestDb};
+use pm_e2e::{eventually, http, idem, now_rfc3339, Sidecar, TestDb};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -194,7 +194,20 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
     };
     let started = Instant::now();
     let (held, other) = tokio::join!(post("held".into()), async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Only once the held request has the connection and waits on the lock.
+        let watcher = db.admin().await;
+        eventually(5, "the request waiting on the held key", || async {
+            let n: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n > 0).then_some(())
+        })
+        .await;
         post(idem()).await
     });
     let held = held.unwrap();
@@ -214,4 +227,30 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
     blocker.batch_execute("ROLLBACK").await.unwrap();
     // Background work never shares that pool or its timeout; requests go on.
     assert_eq!(post(idem()).await.unwrap().status(), 202);
+}
+
+#[tokio::test]
+async fn background_sql_is_bounded_by_a_statement_timeout_of_its_own() {
+    let (db, _pg, _key, side) = setup(&[
+        ("POLAR_METER_BACKGROUND_STATEMENT_TIMEOUT_SECS", "1"),
+        ("POLAR_METER_POLL_SECS", "1"),
+    ])
+    .await;
+    // A DBA locks the alert table: the sidecar's alert forwarding waits on it,
+    // is cancelled after a second, and tries again, instead of hanging.
+    let blocker = db.admin().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE meter.alert IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    eventually(20, "a cancelled background statement, logged", || async {
+        side.logs_text()
+            .contains("canceling statement due to statement timeout")
+            .then_some(())
+    })
+    .await;
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    // Requests never waited on it.
+    let r = http().get(side.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }

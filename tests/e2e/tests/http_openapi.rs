@@ -219,6 +219,71 @@ async fn real_responses_match_the_openapi_document() {
         assert_eq!(conforms(&doc, "post", m, resp).await, want);
         seen.insert(("post", m, want));
     }
+    let batch = side.url("/api/v1/meter/batch");
+    let b = "/api/v1/meter/batch";
+    let item = |k: &str, name: &str| json!({"idempotency_key": k, "event_name": name, "event_timestamp": now_rfc3339()});
+    for (resp, want) in [
+        (
+            c.post(&batch)
+                .bearer_auth(&key)
+                .json(&json!({"events": [item(&idem(), "api.request"), item(&idem(), ""), item(&k, "other")]}))
+                .send()
+                .await
+                .unwrap(),
+            202,
+        ),
+        (
+            c.post(&batch).bearer_auth(&key).json(&json!({"events": []})).send().await.unwrap(),
+            400,
+        ),
+        (
+            c.post(&batch).json(&json!({"events": [item(&idem(), "e")]})).send().await.unwrap(),
+            401,
+        ),
+        (
+            c.post(&batch)
+                .bearer_auth(&admin)
+                .json(&json!({"events": [item(&idem(), "e")]}))
+                .send()
+                .await
+                .unwrap(),
+            403,
+        ),
+        (
+            c.post(&batch)
+                .bearer_auth(&key)
+                .json(&json!({"events": [item(&idem(), &"x".repeat(1_100_000))]}))
+                .send()
+                .await
+                .unwrap(),
+            413,
+        ),
+        (
+            c.post(&batch).bearer_auth(&key).body("x").send().await.unwrap(),
+            415,
+        ),
+    ] {
+        assert_eq!(conforms(&doc, "post", b, resp).await, want);
+        seen.insert(("post", b, want));
+    }
+    // Every problem type the extension's error table can produce is declared.
+    let declared = doc["components"]["schemas"]["Problem"]["properties"]["type"]["enum"]
+        .as_array()
+        .unwrap();
+    for row in pg
+        .query("SELECT problem_type FROM meter.error_codes()", &[])
+        .await
+        .unwrap()
+    {
+        let t = format!(
+            "https://polar-meter.dev/problems/{}",
+            row.get::<_, String>(0)
+        );
+        assert!(
+            declared.contains(&json!(t)),
+            "{t} is not in the Problem schema's enum"
+        );
+    }
     let keys = side.url("/api/v1/api-keys");
     let created = c
         .post(&keys)

@@ -1,5 +1,5 @@
 //! HTTP surface of the emulator. Paths, status codes and bodies follow
-//! Polar's (POLAR-API.md §1-§5); `/__admin/*` is the emulator's own.
+//! Polar's (docs/polar.md §1-§5); `/__admin/*` is the emulator's own.
 use bytes::Bytes;
 use chrono::Utc;
 use http_body_util::{BodyExt, Full};
@@ -66,7 +66,7 @@ fn invalid_token() -> Resp {
     r
 }
 
-/// The scopes of which an operation needs one (POLAR-API.md section 4).
+/// The scopes of which an operation needs one (docs/polar.md §4).
 fn scopes_needed(method: &Method, path: &str) -> Option<&'static [&'static str]> {
     match (method, path) {
         (&Method::POST, "/v1/events/ingest") => Some(&["events:write"]),

@@ -1,5 +1,5 @@
 //! polar-emulator: the subset of Polar's API that polar-meter uses, with
-//! Polar's behaviour (shared/polar/POLAR-API.md), not a happy-path fake:
+//! Polar's behaviour (docs/polar.md), not a happy-path fake:
 //! organization tokens and their scopes, Polar-Version, ingest validation with all-or-nothing
 //! 422s, external_id dedup per organization forever, the events list's
 //! exclusive bounds and page pagination, team customers with immutable

@@ -1,4 +1,4 @@
-//! Polar's ingest validation (POLAR-API.md §1), reproduced from its pydantic
+//! Polar's ingest validation (docs/polar.md §1), reproduced from its pydantic
 //! schemas: per-event errors carry `loc = ["body","events",i,<union member>,field]`,
 //! and any error rejects the whole batch.
 use chrono::{DateTime, Utc};

@@ -1,0 +1,183 @@
+//! The repository's documents say what is built: every name
+//! docs/architecture.md gives exists, the README's error and settings tables
+//! are the installed extension's, and nothing points outside the repository.
+use pm_e2e::{repo_root, TestDb};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+const SKIP_DIRS: [&str; 4] = ["target", ".git", ".pm", "node_modules"];
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if p.is_dir() {
+            if !SKIP_DIRS.contains(&name.as_str()) {
+                walk(&p, out);
+            }
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+fn repo_files() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    walk(&repo_root(), &mut out);
+    out
+}
+
+fn sources(exts: &[&str]) -> String {
+    repo_files()
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| exts.iter().any(|x| e == *x)))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The `quoted` names of a Markdown text, outside fenced blocks.
+fn backquoted(md: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut fenced = false;
+    for line in md.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        for (i, part) in line.split('`').enumerate() {
+            if i % 2 == 1 && !part.is_empty() {
+                out.insert(part.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_file_and_function_named_in_the_architecture_page_exists() {
+    let db = TestDb::new().await;
+    let c = db.admin().await;
+    let md = std::fs::read_to_string(repo_root().join("docs/architecture.md")).unwrap();
+    let objects: BTreeSet<String> = c
+        .query(
+            "SELECT p.proname::text FROM pg_proc p WHERE p.pronamespace = 'meter'::regnamespace
+             UNION SELECT c.relname::text FROM pg_class c WHERE c.relnamespace = 'meter'::regnamespace",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let files = repo_files();
+    let rust = sources(&["rs"]);
+    let code = sources(&["rs", "sql", "spec", "sh"]);
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for name in backquoted(&md) {
+        let ok =
+            if name.contains(char::is_whitespace) || name.contains('*') || name.starts_with('.') {
+                continue; // an endpoint, a pattern or a file extension, not a name
+            } else if let Some(object) = name.strip_prefix("meter.") {
+                objects.contains(object.trim_end_matches("()"))
+            } else if let Some(f) = name.strip_suffix("()") {
+                rust.contains(&format!("fn {f}(")) || rust.contains(&format!("fn {f}<"))
+            } else if name.contains('/') {
+                repo_root().join(name.trim_end_matches('/')).exists()
+            } else if name.contains('.') {
+                files
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|f| f == name.as_str()))
+            } else if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                code.contains(&name)
+            } else {
+                continue;
+            };
+        checked += 1;
+        if !ok {
+            missing.push(name);
+        }
+    }
+    assert!(
+        checked > 80,
+        "the page names many things ({checked} checked)"
+    );
+    assert!(
+        missing.is_empty(),
+        "docs/architecture.md names what does not exist: {missing:?}"
+    );
+}
+
+#[test]
+fn nothing_in_the_repository_points_outside_it() {
+    let mut offenders = Vec::new();
+    for p in repo_files() {
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        for (n, line) in text.lines().enumerate() {
+            // One exception: where the Citus tests find the Citus source.
+            let citus_default = line.contains("CITUS_SRC") && line.contains("../shared/citus");
+            let points_out = line.contains("../shared")
+                || line.contains("POLAR-API.md")
+                || line.contains("DESIGN.md")
+                || line.contains("STYLE.md");
+            if points_out && !citus_default && !p.ends_with("tests/e2e/tests/docs.rs") {
+                offenders.push(format!(
+                    "{}:{}",
+                    p.strip_prefix(repo_root()).unwrap().display(),
+                    n + 1
+                ));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "these point at files users do not have: {offenders:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_readme_error_and_settings_tables_are_the_extensions() {
+    let db = TestDb::new().await;
+    let c = db.admin().await;
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let lines: BTreeSet<&str> = readme.lines().collect();
+    let errors: Vec<String> = c
+        .query(
+            "SELECT format('| %s | %s | `%s` | %s |', sqlstate, http_status, problem_type, cause)
+             FROM meter.error_codes() ORDER BY sqlstate",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let in_readme: Vec<&str> = readme.lines().filter(|l| l.starts_with("| PM")).collect();
+    assert_eq!(
+        in_readme,
+        errors.iter().map(String::as_str).collect::<Vec<_>>(),
+        "README.md's error table differs from meter.error_codes()"
+    );
+    let settings: Vec<String> = c
+        .query(
+            "SELECT format('| `%s` | %s | %s |', name, default_value, description) FROM meter.settings() ORDER BY name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for row in &settings {
+        assert!(
+            lines.contains(row.as_str()),
+            "README.md's settings table lacks or differs on: {row}"
+        );
+    }
+}

@@ -1,7 +1,7 @@
 //! The repository's documents say what is built: every name
 //! docs/architecture.md gives exists, the README's error and settings tables
 //! are the installed extension's, and nothing points outside the repository.
-use pm_e2e::{repo_root, TestDb};
+use pm_e2e::{eventually, pg, repo_root, Emulator, Sidecar, TestDb};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -178,6 +178,86 @@ async fn the_readme_error_and_settings_tables_are_the_extensions() {
         assert!(
             lines.contains(row.as_str()),
             "README.md's settings table lacks or differs on: {row}"
+        );
+    }
+}
+
+/// The README's "First steps" block, run as written against a fresh stack
+/// (only its addresses changed to this test's).
+#[tokio::test]
+async fn the_readme_first_steps_run_as_written() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let after = readme
+        .split("<!-- first-steps -->")
+        .nth(1)
+        .expect("the first-steps block");
+    let block = after
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block after the marker");
+    let db = TestDb::new().await;
+    let emu = Emulator::start(&[]).await;
+    let side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
+    let script = block
+        .replace("-p 54329", &format!("-p {}", pg::port()))
+        .replace(
+            "-U postgres polar_meter",
+            &format!("-U postgres {}", db.name),
+        )
+        .replace("http://127.0.0.1:8787", &side.url(""))
+        .replace("http://127.0.0.1:8788", &emu.base);
+    assert_ne!(script, block, "the block names the default addresses");
+    let out = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(r#""status":"recorded""#), "{stdout}");
+    // What the block promises: the customer and the event, once, at Polar.
+    let customer = eventually(30, "acme's customer at Polar", || async {
+        emu.customers()
+            .await
+            .into_iter()
+            .find(|c| c["external_id"] == "acme")
+    })
+    .await;
+    assert_eq!(customer["type"], "team");
+    let events = eventually(30, "the event at Polar", || async {
+        let v = emu.events().await;
+        let items = v["events"].as_array().cloned().unwrap_or_default();
+        (!items.is_empty()).then_some(items)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["external_customer_id"], "acme");
+    assert_eq!(events[0]["name"], "api.request");
+}
+
+#[test]
+fn every_alert_kind_has_a_runbook_entry() {
+    let runbook = std::fs::read_to_string(repo_root().join("docs/runbook.md")).unwrap();
+    let sql = sources(&["sql"]);
+    // `_alert('kind', ...)`; dead letters raise event_<kind> for dropped and rejected.
+    let mut kinds: BTreeSet<String> = sql
+        .split("_alert('")
+        .skip(1)
+        .filter_map(|rest| rest.split('\'').next())
+        .filter(|k| !k.ends_with('_'))
+        .map(str::to_string)
+        .collect();
+    kinds.extend(["event_dropped".to_string(), "event_rejected".to_string()]);
+    assert!(kinds.len() >= 9, "{kinds:?}");
+    for kind in kinds {
+        assert!(
+            runbook.contains(&format!("### `{kind}`")),
+            "docs/runbook.md has no entry for {kind}"
         );
     }
 }

@@ -495,6 +495,22 @@ $$;
 COMMENT ON FUNCTION meter._raise(text[]) IS
   'Internal: raise {sqlstate, message} (a violation from a Rust rule check); no-op on NULL.';
 
+-- Every claim (events, organizations, alerts, reconcile runs) takes a size
+-- and a lease; one rule for both.
+CREATE OR REPLACE FUNCTION meter._lease_until(size_name text, size int, lease interval) RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF (size_name IS NOT NULL AND (size IS NULL OR size < 1)) OR lease IS NULL OR lease <= interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM050',
+            MESSAGE = coalesce(size_name || ' must be >= 1 and ', '') || 'lease must be a positive interval';
+    END IF;
+    RETURN now() + lease;
+END
+$$;
+COMMENT ON FUNCTION meter._lease_until(text, int, interval) IS
+  'Internal: when a claim''s lease ends (now() + lease); PM050 unless the lease is positive and, when size_name is given, size >= 1.';
+
 COMMENT ON FUNCTION meter.error_codes() IS
   'Every SQLSTATE polar_meter raises (class PM), one per cause: its name, the HTTP status and RFC 9457 problem type polar-meterd answers with, a title and the cause.';
 COMMENT ON FUNCTION meter._setting_default(text) IS 'Internal: the default of a setting (Rust, polar_meter_rules::settings), NULL for an unknown name.';
@@ -903,10 +919,7 @@ DECLARE
     v_org text;
     n int;
 BEGIN
-    IF max_alerts IS NULL OR max_alerts < 1 OR lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'max_alerts must be >= 1 and lease a positive interval';
-    END IF;
-    v_until := v_now + lease;
+    v_until := meter._lease_until('max_alerts', max_alerts, lease);
     -- One organization at a time: a claim never locks rows of two organizations.
     FOR v_org IN SELECT DISTINCT a.organization_id FROM meter.alert a
                  WHERE a.status = 'pending' AND a.next_attempt_at <= v_now LOOP
@@ -1066,10 +1079,7 @@ DECLARE
     v_now timestamptz := now();
     v_until timestamptz;
 BEGIN
-    IF max_orgs IS NULL OR max_orgs < 1 OR lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'max_orgs must be >= 1 and lease a positive interval';
-    END IF;
-    v_until := v_now + lease;
+    v_until := meter._lease_until('max_orgs', max_orgs, lease);
     RETURN QUERY
     WITH due AS (
         SELECT o.id FROM meter.organization o
@@ -1603,22 +1613,6 @@ COMMENT ON FUNCTION meter._record_one(text, uuid, text, text, jsonb, jsonb) IS
   'Internal: one event through _record_batch, its error raised. The timestamp is a JSON string (RFC 3339 text, or a timestamptz''s to_jsonb).';
 
 CREATE OR REPLACE FUNCTION meter.record_event(
-    api_key text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
-) RETURNS meter.recording
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog, pg_temp
-AS $$
-DECLARE
-    v meter.key_identity := meter._verify_api_key(record_event.api_key, 'fence:meter');
-BEGIN
-    RETURN meter._record_one(v.organization_id, v.api_key_id, idempotency_key, event_name, to_jsonb(event_timestamp), metadata);
-END
-$$;
-COMMENT ON FUNCTION meter.record_event(text, text, text, timestamptz, jsonb) IS
-  'Records one usage event for the key''s organization: returns (status, event_id), status recorded or already_recorded. A replay with the same idempotency_key and payload returns already_recorded and the original id; a different payload raises PM020. Key errors PM001-PM005; validation PM010 name, PM011 timestamp, PM012 future timestamp, PM013 metadata, PM014 idempotency key.';
-
-CREATE OR REPLACE FUNCTION meter.record_event(
     api_key text, idempotency_key text, event_name text, event_timestamp text, metadata jsonb DEFAULT '{}'
 ) RETURNS meter.recording
 LANGUAGE plpgsql
@@ -1633,7 +1627,19 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.record_event(text, text, text, text, jsonb) IS
-  'As record_event(..., timestamptz, ...), for a timestamp given as text (what HTTP clients send): RFC 3339 with a timezone (Z or any offset up to +/-23:59), else PM011; rounded to the microsecond. Untyped literals resolve to this form, so a naive literal is refused rather than read in the session''s zone.';
+  'Records one usage event for the key''s organization, with the timestamp as text (what HTTP clients send): RFC 3339 with a timezone (Z or any offset up to +/-23:59), else PM011; rounded to the microsecond. Untyped literals resolve to this form, so a naive literal is refused rather than read in the session''s zone.';
+
+-- Typed timestamps take the text path (to_jsonb writes RFC 3339 with the
+-- offset, to the microsecond), so both forms are judged by the same rules.
+CREATE OR REPLACE FUNCTION meter.record_event(
+    api_key text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
+) RETURNS meter.recording
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$ SELECT meter.record_event(api_key, idempotency_key, event_name, to_jsonb(event_timestamp) #>> '{}', metadata) $$;
+COMMENT ON FUNCTION meter.record_event(text, text, text, timestamptz, jsonb) IS
+  'Records one usage event for the key''s organization: returns (status, event_id), status recorded or already_recorded. A replay with the same idempotency_key and payload returns already_recorded and the original id; a different payload raises PM020. Key errors PM001-PM005; validation PM010 name, PM011 timestamp, PM012 future timestamp, PM013 metadata, PM014 idempotency key.';
 
 CREATE OR REPLACE FUNCTION meter.record_events(api_key text, events jsonb)
 RETURNS SETOF meter.batch_recording
@@ -1665,21 +1671,6 @@ COMMENT ON FUNCTION meter.record_events_for_org(text, jsonb) IS
   'record_events for DBAs: an organization''s events without an API key (api_key_id stays NULL). PM030 if the org is unknown.';
 
 CREATE OR REPLACE FUNCTION meter.record_event_for_org(
-    org_id text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
-) RETURNS meter.recording
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM meter._require_organization(org_id);
-    RETURN meter._record_one(org_id, NULL, idempotency_key, event_name, to_jsonb(event_timestamp), metadata);
-END
-$$;
-COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, timestamptz, jsonb) IS
-  'record_event for DBAs: records an event for an organization without an API key (api_key_id stays NULL). Same idempotency and validation; PM030 if the org is unknown.';
-
-CREATE OR REPLACE FUNCTION meter.record_event_for_org(
     org_id text, idempotency_key text, event_name text, event_timestamp text, metadata jsonb DEFAULT '{}'
 ) RETURNS meter.recording
 LANGUAGE plpgsql
@@ -1693,6 +1684,16 @@ END
 $$;
 COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, text, jsonb) IS
   'record_event_for_org with the timestamp as RFC 3339 text with a timezone (PM011 otherwise).';
+
+CREATE OR REPLACE FUNCTION meter.record_event_for_org(
+    org_id text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
+) RETURNS meter.recording
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$ SELECT meter.record_event_for_org(org_id, idempotency_key, event_name, to_jsonb(event_timestamp) #>> '{}', metadata) $$;
+COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, timestamptz, jsonb) IS
+  'record_event for DBAs: records an event for an organization without an API key (api_key_id stays NULL). Same idempotency and validation; PM030 if the org is unknown.';
 
 -- extension/src/lib.rs:56
 -- requires:
@@ -1785,10 +1786,7 @@ DECLARE
     v_now   timestamptz := now();
     v_until timestamptz;
 BEGIN
-    IF max_events IS NULL OR max_events < 1 OR lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'max_events must be >= 1 and lease a positive interval';
-    END IF;
-    v_until := v_now + lease;
+    v_until := meter._lease_until('max_events', max_events, lease);
     -- Delivery waits for the customer: Polar has failed to link events sent
     -- before their customer existed.
     IF NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = org_id AND o.polar_customer_id IS NOT NULL) THEN
@@ -2293,10 +2291,7 @@ DECLARE
     v_now timestamptz := now();
     v_until timestamptz;
 BEGIN
-    IF lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'lease must be a positive interval';
-    END IF;
-    v_until := v_now + lease;
+    v_until := meter._lease_until(NULL, NULL, lease);
     -- A run is owned through its row: requested and due, or running under a
     -- lapsed lease (its sidecar died), and then resumed where it stopped.
     RETURN QUERY

@@ -60,10 +60,7 @@ DECLARE
     v_org text;
     n int;
 BEGIN
-    IF max_alerts IS NULL OR max_alerts < 1 OR lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'max_alerts must be >= 1 and lease a positive interval';
-    END IF;
-    v_until := v_now + lease;
+    v_until := meter._lease_until('max_alerts', max_alerts, lease);
     -- One organization at a time: a claim never locks rows of two organizations.
     FOR v_org IN SELECT DISTINCT a.organization_id FROM meter.alert a
                  WHERE a.status = 'pending' AND a.next_attempt_at <= v_now LOOP

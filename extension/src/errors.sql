@@ -14,6 +14,22 @@ $$;
 COMMENT ON FUNCTION meter._raise(text[]) IS
   'Internal: raise {sqlstate, message} (a violation from a Rust rule check); no-op on NULL.';
 
+-- Every claim (events, organizations, alerts, reconcile runs) takes a size
+-- and a lease; one rule for both.
+CREATE FUNCTION meter._lease_until(size_name text, size int, lease interval) RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF (size_name IS NOT NULL AND (size IS NULL OR size < 1)) OR lease IS NULL OR lease <= interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM050',
+            MESSAGE = coalesce(size_name || ' must be >= 1 and ', '') || 'lease must be a positive interval';
+    END IF;
+    RETURN now() + lease;
+END
+$$;
+COMMENT ON FUNCTION meter._lease_until(text, int, interval) IS
+  'Internal: when a claim''s lease ends (now() + lease); PM050 unless the lease is positive and, when size_name is given, size >= 1.';
+
 COMMENT ON FUNCTION meter.error_codes() IS
   'Every SQLSTATE polar_meter raises (class PM), one per cause: its name, the HTTP status and RFC 9457 problem type polar-meterd answers with, a title and the cause.';
 COMMENT ON FUNCTION meter._setting_default(text) IS 'Internal: the default of a setting (Rust, polar_meter_rules::settings), NULL for an unknown name.';

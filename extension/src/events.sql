@@ -115,22 +115,6 @@ COMMENT ON FUNCTION meter._record_one(text, uuid, text, text, jsonb, jsonb) IS
   'Internal: one event through _record_batch, its error raised. The timestamp is a JSON string (RFC 3339 text, or a timestamptz''s to_jsonb).';
 
 CREATE FUNCTION meter.record_event(
-    api_key text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
-) RETURNS meter.recording
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog, pg_temp
-AS $$
-DECLARE
-    v meter.key_identity := meter._verify_api_key(record_event.api_key, 'fence:meter');
-BEGIN
-    RETURN meter._record_one(v.organization_id, v.api_key_id, idempotency_key, event_name, to_jsonb(event_timestamp), metadata);
-END
-$$;
-COMMENT ON FUNCTION meter.record_event(text, text, text, timestamptz, jsonb) IS
-  'Records one usage event for the key''s organization: returns (status, event_id), status recorded or already_recorded. A replay with the same idempotency_key and payload returns already_recorded and the original id; a different payload raises PM020. Key errors PM001-PM005; validation PM010 name, PM011 timestamp, PM012 future timestamp, PM013 metadata, PM014 idempotency key.';
-
-CREATE FUNCTION meter.record_event(
     api_key text, idempotency_key text, event_name text, event_timestamp text, metadata jsonb DEFAULT '{}'
 ) RETURNS meter.recording
 LANGUAGE plpgsql
@@ -145,7 +129,19 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.record_event(text, text, text, text, jsonb) IS
-  'As record_event(..., timestamptz, ...), for a timestamp given as text (what HTTP clients send): RFC 3339 with a timezone (Z or any offset up to +/-23:59), else PM011; rounded to the microsecond. Untyped literals resolve to this form, so a naive literal is refused rather than read in the session''s zone.';
+  'Records one usage event for the key''s organization, with the timestamp as text (what HTTP clients send): RFC 3339 with a timezone (Z or any offset up to +/-23:59), else PM011; rounded to the microsecond. Untyped literals resolve to this form, so a naive literal is refused rather than read in the session''s zone.';
+
+-- Typed timestamps take the text path (to_jsonb writes RFC 3339 with the
+-- offset, to the microsecond), so both forms are judged by the same rules.
+CREATE FUNCTION meter.record_event(
+    api_key text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
+) RETURNS meter.recording
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$ SELECT meter.record_event(api_key, idempotency_key, event_name, to_jsonb(event_timestamp) #>> '{}', metadata) $$;
+COMMENT ON FUNCTION meter.record_event(text, text, text, timestamptz, jsonb) IS
+  'Records one usage event for the key''s organization: returns (status, event_id), status recorded or already_recorded. A replay with the same idempotency_key and payload returns already_recorded and the original id; a different payload raises PM020. Key errors PM001-PM005; validation PM010 name, PM011 timestamp, PM012 future timestamp, PM013 metadata, PM014 idempotency key.';
 
 CREATE FUNCTION meter.record_events(api_key text, events jsonb)
 RETURNS SETOF meter.batch_recording
@@ -177,21 +173,6 @@ COMMENT ON FUNCTION meter.record_events_for_org(text, jsonb) IS
   'record_events for DBAs: an organization''s events without an API key (api_key_id stays NULL). PM030 if the org is unknown.';
 
 CREATE FUNCTION meter.record_event_for_org(
-    org_id text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
-) RETURNS meter.recording
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM meter._require_organization(org_id);
-    RETURN meter._record_one(org_id, NULL, idempotency_key, event_name, to_jsonb(event_timestamp), metadata);
-END
-$$;
-COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, timestamptz, jsonb) IS
-  'record_event for DBAs: records an event for an organization without an API key (api_key_id stays NULL). Same idempotency and validation; PM030 if the org is unknown.';
-
-CREATE FUNCTION meter.record_event_for_org(
     org_id text, idempotency_key text, event_name text, event_timestamp text, metadata jsonb DEFAULT '{}'
 ) RETURNS meter.recording
 LANGUAGE plpgsql
@@ -205,3 +186,13 @@ END
 $$;
 COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, text, jsonb) IS
   'record_event_for_org with the timestamp as RFC 3339 text with a timezone (PM011 otherwise).';
+
+CREATE FUNCTION meter.record_event_for_org(
+    org_id text, idempotency_key text, event_name text, event_timestamp timestamptz, metadata jsonb DEFAULT '{}'
+) RETURNS meter.recording
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$ SELECT meter.record_event_for_org(org_id, idempotency_key, event_name, to_jsonb(event_timestamp) #>> '{}', metadata) $$;
+COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, timestamptz, jsonb) IS
+  'record_event for DBAs: records an event for an organization without an API key (api_key_id stays NULL). Same idempotency and validation; PM030 if the org is unknown.';

@@ -83,10 +83,7 @@ DECLARE
     v_now timestamptz := now();
     v_until timestamptz;
 BEGIN
-    IF max_orgs IS NULL OR max_orgs < 1 OR lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'max_orgs must be >= 1 and lease a positive interval';
-    END IF;
-    v_until := v_now + lease;
+    v_until := meter._lease_until('max_orgs', max_orgs, lease);
     RETURN QUERY
     WITH due AS (
         SELECT o.id FROM meter.organization o

@@ -85,10 +85,7 @@ DECLARE
     v_now   timestamptz := now();
     v_until timestamptz;
 BEGIN
-    IF max_events IS NULL OR max_events < 1 OR lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'max_events must be >= 1 and lease a positive interval';
-    END IF;
-    v_until := v_now + lease;
+    v_until := meter._lease_until('max_events', max_events, lease);
     -- Delivery waits for the customer: Polar has failed to link events sent
     -- before their customer existed.
     IF NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = org_id AND o.polar_customer_id IS NOT NULL) THEN

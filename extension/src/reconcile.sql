@@ -127,10 +127,7 @@ DECLARE
     v_now timestamptz := now();
     v_until timestamptz;
 BEGIN
-    IF lease IS NULL OR lease <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM050', MESSAGE = 'lease must be a positive interval';
-    END IF;
-    v_until := v_now + lease;
+    v_until := meter._lease_until(NULL, NULL, lease);
     -- A run is owned through its row: requested and due, or running under a
     -- lapsed lease (its sidecar died), and then resumed where it stopped.
     RETURN QUERY

@@ -107,13 +107,7 @@ async fn send(jobs: &Jobs, org: &str, batch: Uuid, events: &[Event]) -> Result<F
         }
         let ids: Vec<Uuid> = chunk.iter().map(|e| e.0).collect();
         if jobs.health.is_paused() {
-            let all: Vec<Uuid> = ids
-                .iter()
-                .copied()
-                .chain(pending.iter().flatten().map(|e| e.0))
-                .collect();
-            defer(jobs, org, batch, &all, 5).await?;
-            return Ok(Flow::Paused);
+            return pause(jobs, org, batch, &ids, &pending).await;
         }
         jobs.budget.acquire().await?;
         let payloads: Vec<&Value> = chunk.iter().map(|e| &e.1).collect();
@@ -249,23 +243,11 @@ async fn send(jobs: &Jobs, org: &str, batch: Uuid, events: &[Event]) -> Result<F
                     tracing::error!(cause = %cause, "Polar is unavailable: delivery paused");
                     jobs.wake.probe.notify_one();
                 }
-                let all: Vec<Uuid> = ids
-                    .iter()
-                    .copied()
-                    .chain(pending.iter().flatten().map(|e| e.0))
-                    .collect();
-                defer(jobs, org, batch, &all, 5).await?;
-                return Ok(Flow::Paused);
+                return pause(jobs, org, batch, &ids, &pending).await;
             }
             Ingest::Failed(Failure::Transient(cause)) => {
                 if jobs.polar_wide(&cause).await {
-                    let all: Vec<Uuid> = ids
-                        .iter()
-                        .copied()
-                        .chain(pending.iter().flatten().map(|e| e.0))
-                        .collect();
-                    defer(jobs, org, batch, &all, 5).await?;
-                    return Ok(Flow::Paused);
+                    return pause(jobs, org, batch, &ids, &pending).await;
                 }
                 report_failure(
                     jobs,
@@ -281,6 +263,24 @@ async fn send(jobs: &Jobs, org: &str, batch: Uuid, events: &[Event]) -> Result<F
         }
     }
     Ok(Flow::Continue)
+}
+
+/// Delivery paused: the chunk in hand and every chunk still pending go back
+/// untouched, due again in 5 seconds (the probe decides when delivery resumes).
+async fn pause(
+    jobs: &Jobs,
+    org: &str,
+    batch: Uuid,
+    ids: &[Uuid],
+    pending: &[Vec<Event>],
+) -> Result<Flow, JobError> {
+    let all: Vec<Uuid> = ids
+        .iter()
+        .copied()
+        .chain(pending.iter().flatten().map(|e| e.0))
+        .collect();
+    defer(jobs, org, batch, &all, 5).await?;
+    Ok(Flow::Paused)
 }
 
 /// Back to pending after `secs`, attempts untouched.

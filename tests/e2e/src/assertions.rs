@@ -162,3 +162,60 @@ pub async fn assert_polar_holds_exactly(emu: &Emulator, sent: &[Sent]) {
         assert_eq!(meta, s.metadata, "metadata of {}", s.id);
     }
 }
+
+/// Sending a request and reading its answer in one step, for the many places
+/// that only want the body.
+#[allow(async_fn_in_trait)]
+pub trait Fetch {
+    /// The answer's JSON body (panics on a transport error or non-JSON).
+    async fn fetch_json(self) -> serde_json::Value;
+    /// The answer's text body.
+    async fn fetch_text(self) -> String;
+    /// The status and the JSON body.
+    async fn fetch(self) -> (u16, serde_json::Value);
+}
+
+impl Fetch for reqwest::RequestBuilder {
+    async fn fetch_json(self) -> serde_json::Value {
+        self.send().await.unwrap().json().await.unwrap()
+    }
+    async fn fetch_text(self) -> String {
+        self.send().await.unwrap().text().await.unwrap()
+    }
+    async fn fetch(self) -> (u16, serde_json::Value) {
+        let r = self.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+}
+
+/// One value from a statement without parameters, for the many counts and
+/// lookups the suites make.
+#[allow(async_fn_in_trait)]
+pub trait Value1 {
+    async fn value<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> T;
+    /// The first column of every row.
+    async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> Vec<T>;
+    /// Runs statements that must succeed.
+    async fn run(&self, sql: &str);
+}
+
+impl Value1 for Client {
+    async fn value<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> T {
+        self.query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+    async fn column<T: for<'a> tokio_postgres::types::FromSql<'a>>(&self, sql: &str) -> Vec<T> {
+        let rows = self
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+    async fn run(&self, sql: &str) {
+        self.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}

@@ -93,6 +93,22 @@ impl TestDb {
         TestDb { name }
     }
 
+    /// A fresh database and a DBA connection to it.
+    pub async fn with_admin() -> (TestDb, Client) {
+        let db = TestDb::new().await;
+        let pg = db.admin().await;
+        (db, pg)
+    }
+
+    /// Where most suites start: a fresh database with organization `acme`,
+    /// a DBA connection to it, and a `fence:meter` key of acme's.
+    pub async fn acme() -> (TestDb, Client, String) {
+        let (db, pg) = TestDb::with_admin().await;
+        db.org(&pg, "acme").await;
+        let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+        (db, pg, key)
+    }
+
     /// A superuser connection (the DBA).
     pub async fn admin(&self) -> Client {
         connect(&self.name, "postgres").await
@@ -273,4 +289,15 @@ impl Drop for TlsCluster {
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The Polar customer id written back onto an organization, if any.
+pub async fn customer_id(c: &Client, org: &str) -> Option<String> {
+    c.query_one(
+        "SELECT polar_customer_id FROM meter.organization WHERE id = $1",
+        &[&org],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }

@@ -2,6 +2,7 @@
 //! least-privilege role), the Polar emulator, a webhook receiver, and the
 //! one-shot CLI.
 use crate::assertions::http;
+use crate::assertions::Fetch;
 use crate::cluster::{connect_port, pg, TestDb};
 
 /// Root of the repository (for scripts and built binaries).
@@ -92,6 +93,20 @@ impl Sidecar {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// POSTs one fresh event (`e`, now, a new Idempotency-Key); its status.
+    pub async fn record(&self, key: &str) -> u16 {
+        http()
+            .post(self.url("/api/v1/meter"))
+            .bearer_auth(key)
+            .header("Idempotency-Key", crate::idem())
+            .json(&serde_json::json!({"event_name": "e", "event_timestamp": crate::now_rfc3339()}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
     }
 
     pub fn pid(&self) -> u32 {
@@ -242,12 +257,8 @@ impl Emulator {
     pub async fn events(&self) -> serde_json::Value {
         http()
             .get(format!("{}/__admin/events", self.base))
-            .send()
+            .fetch_json()
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
     }
 
     /// Answers by "METHOD path status" (or "dropped"), the faults in force,
@@ -255,23 +266,15 @@ impl Emulator {
     pub async fn stats(&self) -> serde_json::Value {
         http()
             .get(format!("{}/__admin/stats", self.base))
-            .send()
+            .fetch_json()
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
     }
 
     pub async fn customers(&self) -> Vec<serde_json::Value> {
         let v: serde_json::Value = http()
             .get(format!("{}/__admin/customers", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .fetch_json()
+            .await;
         v["customers"].as_array().unwrap().clone()
     }
 }

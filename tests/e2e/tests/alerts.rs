@@ -2,6 +2,7 @@
 //! when one starts; with several sidecars each goes to the webhook once; a
 //! failing webhook is retried. NOTIFY is only a wake-up: a forged one
 //! forwards nothing, and a flood of them costs neither memory nor delivery.
+use pm_e2e::Value1;
 use pm_e2e::{
     eventually, idem, now_rfc3339, record_many, statuses, Emulator, Sidecar, TestDb, Webhook,
 };
@@ -9,29 +10,18 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 
 async fn forwarded(pg: &tokio_postgres::Client) -> i64 {
-    pg.query_one(
-        "SELECT count(*) FROM meter.alert WHERE status = 'forwarded'",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    pg.value("SELECT count(*) FROM meter.alert WHERE status = 'forwarded'")
+        .await
 }
 
 #[tokio::test]
 async fn an_alert_raised_while_no_sidecar_runs_is_forwarded_once_one_starts() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     // pg_cron's check finds an organization Polar would refuse, long ago.
-    pg.batch_execute("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
-        .await
-        .unwrap();
+    pg.run("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
+        .await;
     db.set(&pg, "provision_alert_after", "0").await;
-    let stats: Value = pg
-        .query_one("SELECT meter.drain_meter_outbox()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let stats: Value = pg.value("SELECT meter.drain_meter_outbox()").await;
     assert_eq!(stats["alerts_raised"], 1);
     let hook = Webhook::start().await;
     let _side = Sidecar::start(&db, &[("ALERT_WEBHOOK_URL", hook.url.as_str())]).await;
@@ -59,21 +49,14 @@ async fn an_alert_raised_while_no_sidecar_runs_is_forwarded_once_one_starts() {
     pg.query_one("SELECT meter.drain_meter_outbox()", &[])
         .await
         .unwrap();
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM meter.alert", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.value("SELECT count(*) FROM meter.alert").await;
     assert_eq!(n, 1);
 }
 
 #[tokio::test]
 async fn with_three_sidecars_each_alert_reaches_the_webhook_exactly_once() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    pg.batch_execute("SELECT meter._alert('drift', 'org' || i, jsonb_build_object('i', i), i::text) FROM generate_series(1, 60) i")
-        .await
-        .unwrap();
+    let (db, pg) = TestDb::with_admin().await;
+    pg.run("SELECT meter._alert('drift', 'org' || i, jsonb_build_object('i', i), i::text) FROM generate_series(1, 60) i").await;
     let hook = Webhook::start().await;
     let env = [("ALERT_WEBHOOK_URL", hook.url.as_str())];
     let (_a, _b, _c) = (
@@ -97,11 +80,9 @@ async fn with_three_sidecars_each_alert_reaches_the_webhook_exactly_once() {
 
 #[tokio::test]
 async fn a_failing_webhook_is_retried_until_it_takes_the_alert() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    pg.batch_execute("SELECT meter._alert('outbox_stale', '', '{}')")
-        .await
-        .unwrap();
+    let (db, pg) = TestDb::with_admin().await;
+    pg.run("SELECT meter._alert('outbox_stale', '', '{}')")
+        .await;
     let hook = Webhook::failing_first(2).await;
     let _side = Sidecar::start(&db, &[("ALERT_WEBHOOK_URL", hook.url.as_str())]).await;
     eventually(60, "forwarded after two refusals", || async {
@@ -125,10 +106,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test]
 async fn forged_notifications_forward_nothing_and_a_flood_costs_nothing() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let emu = Emulator::start(&[]).await;
     let hook = Webhook::start().await;
     let mut env = emu.sidecar_env();
@@ -143,14 +121,10 @@ async fn forged_notifications_forward_nothing_and_a_flood_costs_nothing() {
 
     // Anyone who can connect can NOTIFY: a role with no rights at all.
     let nobody = format!("nobody_{}", uuid::Uuid::new_v4().simple());
-    pg.batch_execute(&format!("CREATE ROLE {nobody} LOGIN"))
-        .await
-        .unwrap();
+    pg.run(&format!("CREATE ROLE {nobody} LOGIN")).await;
     let forger = db.client_as(&nobody).await;
     forger
-        .batch_execute(r#"NOTIFY polar_meter_alert, '{"kind": "forged", "organization_id": "acme", "detail": {"pay": "me"}}'"#)
-        .await
-        .unwrap();
+        .run(r#"NOTIFY polar_meter_alert, '{"kind": "forged", "organization_id": "acme", "detail": {"pay": "me"}}'"#).await;
     for _ in 0..100 {
         let flood: String = (0..100)
             .map(|_| {
@@ -160,7 +134,7 @@ async fn forged_notifications_forward_nothing_and_a_flood_costs_nothing() {
                 )
             })
             .collect();
-        forger.batch_execute(&flood).await.unwrap();
+        forger.run(&flood).await;
     }
     // Delivery goes on, promptly.
     let r = pm_e2e::http()
@@ -177,9 +151,8 @@ async fn forged_notifications_forward_nothing_and_a_flood_costs_nothing() {
     })
     .await;
     // A real alert goes through, and only it.
-    pg.batch_execute("SELECT meter._alert('drift', '', '{\"real\": true}', 'r1')")
-        .await
-        .unwrap();
+    pg.run("SELECT meter._alert('drift', '', '{\"real\": true}', 'r1')")
+        .await;
     eventually(30, "the real alert forwarded", || async {
         (!hook.kinds().is_empty()).then_some(())
     })

@@ -1,6 +1,7 @@
 //! The database going away under load: 503 + Retry-After, no crash, and
 //! recovery without a restart once it is back. Uses a cluster of its own so
 //! stopping it disturbs no other suite.
+use pm_e2e::Value1;
 use pm_e2e::{connect_port, http, idem, now_rfc3339, repo_root, Sidecar};
 use serde_json::{json, Value};
 use std::process::Command;
@@ -20,18 +21,13 @@ async fn database_stopped_mid_run_gives_503_then_recovers() {
     cluster(&["destroy", "chaos-db"]);
     cluster(&["start", "chaos-db", &PORT.to_string(), "postgres"]);
     let admin = connect_port("postgres", "postgres", PORT).await;
-    admin.batch_execute("CREATE DATABASE chaos").await.unwrap();
+    admin.run("CREATE DATABASE chaos").await;
     let pg = connect_port("chaos", "postgres", PORT).await;
-    pg.batch_execute(
-        "CREATE EXTENSION polar_meter; INSERT INTO meter.organization VALUES ('acme', 'acme')",
-    )
-    .await
-    .unwrap();
+    pg.run("CREATE EXTENSION polar_meter; INSERT INTO meter.organization VALUES ('acme', 'acme')")
+        .await;
     let key: String = pg
-        .query_one("SELECT key FROM meter.create_api_key('acme', 'k')", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT key FROM meter.create_api_key('acme', 'k')")
+        .await;
     let side = Sidecar::start_on("chaos", PORT, &[]).await;
     let c = http();
     let send = || {
@@ -88,11 +84,7 @@ async fn database_stopped_mid_run_gives_503_then_recovers() {
         assert_eq!(send().await.unwrap().status(), 202);
     }
     let pg = connect_port("chaos", "postgres", PORT).await;
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert!(n >= 11, "5 before, at least 1 + 5 after: {n}");
     assert!(!side.logs_text().contains("panicked"));
     drop(side);

@@ -2,14 +2,14 @@
 //! after committing, and the sidecar killed (SIGKILL) twice mid-drain. Polar
 //! must still hold every event exactly once, with nothing left in flight and
 //! nothing dropped.
+use pm_e2e::Value1;
 use pm_e2e::{
     assert_polar_holds_exactly, eventually, record_many, statuses, Emulator, Sidecar, TestDb,
 };
 
 #[tokio::test]
 async fn faults_and_kills_still_deliver_each_event_exactly_once() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.set(&pg, "backoff_base", "100 milliseconds").await;
     db.set(&pg, "backoff_cap", "1 second").await;
     let mut keys = Vec::new();
@@ -75,13 +75,8 @@ async fn faults_and_kills_still_deliver_each_event_exactly_once() {
     assert!(count("500") + count("502") > 0, "5xx injected: {stats}");
     assert!(count("429") > 0, "429 injected: {stats}");
     let retried: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM meter.meter_event WHERE attempts > 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.meter_event WHERE attempts > 0")
+        .await;
     assert!(retried > 0, "some events needed more than one attempt");
     // Every event whose acknowledgement was dropped came back and was
     // absorbed as a duplicate (kills may add more resends, never fewer).

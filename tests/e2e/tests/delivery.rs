@@ -5,6 +5,7 @@ use pm_e2e::{
     assert_polar_holds_exactly, eventually, http, record_many, statuses, Emulator, Sidecar, TestDb,
     Webhook,
 };
+use pm_e2e::{Fetch, Value1};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -37,8 +38,7 @@ async fn max_attempts(pg: &Client) -> i32 {
 
 #[tokio::test]
 async fn ten_thousand_events_for_three_orgs_reach_polar_exactly_once() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let keys = orgs(&db, &pg, &["acme", "globex", "initech"]).await;
     let emu = Emulator::start(&[]).await;
     // Record first with delivery off, then let a delivering sidecar, woken
@@ -48,11 +48,7 @@ async fn ten_thousand_events_for_three_orgs_reach_polar_exactly_once() {
     assert_eq!(statuses(&pg).await.get("pending"), Some(&10_000));
     drop(side);
     let _side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
-    let stats: Value = pg
-        .query_one("SELECT meter.drain_meter_outbox()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let stats: Value = pg.value("SELECT meter.drain_meter_outbox()").await;
     assert_eq!(
         stats["backlog"]["pending"], 10_000,
         "the cron drain claims nothing: {stats}"
@@ -67,8 +63,7 @@ async fn ten_thousand_events_for_three_orgs_reach_polar_exactly_once() {
 
 #[tokio::test]
 async fn two_sidecars_at_once_never_send_an_event_twice() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let keys = orgs(&db, &pg, &["acme", "globex"]).await;
     let emu = Emulator::start(&[]).await;
     let mut env = emu.sidecar_env();
@@ -85,8 +80,7 @@ async fn two_sidecars_at_once_never_send_an_event_twice() {
 
 #[tokio::test]
 async fn a_poisoned_event_is_rejected_with_an_alert_and_the_rest_delivered() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let keys = orgs(&db, &pg, &["acme"]).await;
     let emu = Emulator::start(&[]).await;
     let hook = Webhook::start().await;
@@ -97,12 +91,8 @@ async fn a_poisoned_event_is_rejected_with_an_alert_and_the_rest_delivered() {
     drop(side);
     // A row Polar refuses, put in behind the extension's back (as a bug or a
     // manual insert might): nested metadata.
-    pg.batch_execute(
-        "INSERT INTO meter.meter_event (organization_id, idempotency_key, event_name, event_timestamp, metadata, payload_hash, external_id)
-         VALUES ('acme', 'poison', 'api.request', now() - interval '1 minute', '{\"nested\": {\"x\": 1}}', '\\x00', 'pm_poison')",
-    )
-    .await
-    .unwrap();
+    pg.run("INSERT INTO meter.meter_event (organization_id, idempotency_key, event_name, event_timestamp, metadata, payload_hash, external_id)
+         VALUES ('acme', 'poison', 'api.request', now() - interval '1 minute', '{\"nested\": {\"x\": 1}}', '\\x00', 'pm_poison')").await;
     let _side = Sidecar::start_with(&db, &env).await;
     all_sent(&pg, 300, 60).await;
     eventually(30, "the poisoned event rejected", || async {
@@ -110,20 +100,12 @@ async fn a_poisoned_event_is_rejected_with_an_alert_and_the_rest_delivered() {
     })
     .await;
     let err: String = pg
-        .query_one(
-            "SELECT last_error FROM meter.meter_event WHERE idempotency_key = 'poison'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT last_error FROM meter.meter_event WHERE idempotency_key = 'poison'")
+        .await;
     assert!(err.contains("422") && err.contains("metadata"), "{err}");
     assert_polar_holds_exactly(&emu, &sent).await;
     let audited: i64 = pg
-        .query_one("SELECT count(*) FROM meter.audit_log WHERE action IN ('alert.event_rejected', 'event.rejected')", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.audit_log WHERE action IN ('alert.event_rejected', 'event.rejected')").await;
     assert_eq!(
         audited, 2,
         "an audit row for the event and one for the alert"
@@ -139,8 +121,7 @@ async fn a_poisoned_event_is_rejected_with_an_alert_and_the_rest_delivered() {
 #[tokio::test]
 async fn an_ingest_failing_while_polar_is_healthy_counts_seven_attempts_then_drops_and_requeue_delivers(
 ) {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     // A short clock for the backoff: 50 ms doubling, capped at 200 ms.
     db.set(&pg, "backoff_base", "50 milliseconds").await;
     db.set(&pg, "backoff_cap", "200 milliseconds").await;
@@ -160,22 +141,13 @@ async fn an_ingest_failing_while_polar_is_healthy_counts_seven_attempts_then_dro
     })
     .await;
     let attempts: Vec<i32> = pg
-        .query("SELECT DISTINCT attempts FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .column("SELECT DISTINCT attempts FROM meter.meter_event")
+        .await;
     assert_eq!(attempts, vec![7]);
     assert!(emu.events().await["events"].as_array().unwrap().is_empty());
     let dropped_audit: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM meter.audit_log WHERE action = 'event.dropped'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.audit_log WHERE action = 'event.dropped'")
+        .await;
     assert_eq!(dropped_audit, 200);
     eventually(30, "the webhook to receive event_dropped", || async {
         hook.kinds()
@@ -189,11 +161,7 @@ async fn an_ingest_failing_while_polar_is_healthy_counts_seven_attempts_then_dro
     );
 
     emu.faults(json!({})).await;
-    let n: i64 = pg
-        .query_one("SELECT meter.requeue_dropped()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.value("SELECT meter.requeue_dropped()").await;
     assert_eq!(n, 200);
     all_sent(&pg, 200, 60).await;
     assert_polar_holds_exactly(&emu, &sent).await;
@@ -219,8 +187,7 @@ async fn alert_at(hook: &Webhook, kind: &str, secs: u64) -> usize {
 
 #[tokio::test]
 async fn a_refused_token_pauses_delivery_without_consuming_attempts_then_resumes_exactly_once() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.set(&pg, "backoff_base", "50 milliseconds").await;
     db.set(&pg, "backoff_cap", "200 milliseconds").await;
     let keys = orgs(&db, &pg, &["acme"]).await;
@@ -232,40 +199,21 @@ async fn a_refused_token_pauses_delivery_without_consuming_attempts_then_resumes
     // The customer exists first; then the token stops working.
     eventually(30, "acme provisioned", || async {
         let c: Option<String> = pg
-            .query_one(
-                "SELECT polar_customer_id FROM meter.organization WHERE id = 'acme'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+            .value("SELECT polar_customer_id FROM meter.organization WHERE id = 'acme'")
+            .await;
         c.map(|_| ())
     })
     .await;
     emu.faults(json!({"reject_token": true})).await;
     let sent = record_many(&side, &keys, 300, 16).await;
     alert_at(&hook, "polar_unavailable", 60).await;
-    let ready: Value = http()
-        .get(side.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = http().get(side.url("/readyz")).fetch_json().await;
     assert_eq!(ready["delivery"]["paused"], true, "{ready}");
     assert!(
         ready["delivery"]["cause"].as_str().unwrap().contains("401"),
         "{ready}"
     );
-    let metrics = http()
-        .get(side.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http().get(side.url("/metrics")).fetch_text().await;
     assert!(
         metrics.contains("polar_meter_delivery_paused 1"),
         "{metrics}"
@@ -300,8 +248,7 @@ async fn a_refused_token_pauses_delivery_without_consuming_attempts_then_resumes
 
 #[tokio::test]
 async fn polar_failing_everywhere_pauses_and_drops_nothing() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.set(&pg, "backoff_base", "50 milliseconds").await;
     db.set(&pg, "backoff_cap", "200 milliseconds").await;
     let keys = orgs(&db, &pg, &["acme", "globex"]).await;
@@ -313,13 +260,8 @@ async fn polar_failing_everywhere_pauses_and_drops_nothing() {
     let side = Sidecar::start_with(&db, &env).await;
     eventually(30, "both provisioned", || async {
         let n: i64 = pg
-            .query_one(
-                "SELECT count(*) FROM meter.organization WHERE polar_customer_id IS NOT NULL",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+            .value("SELECT count(*) FROM meter.organization WHERE polar_customer_id IS NOT NULL")
+            .await;
         (n == 2).then_some(())
     })
     .await;
@@ -342,13 +284,11 @@ async fn polar_failing_everywhere_pauses_and_drops_nothing() {
 
 #[tokio::test]
 async fn events_wait_for_their_customer_without_attempts_then_go() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     // An organization Polar would refuse as a customer (no email, no owner),
     // put in behind upsert_organization's back, and one that is fine.
-    pg.batch_execute("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
-        .await
-        .unwrap();
+    pg.run("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
+        .await;
     let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
     let ready = orgs(&db, &pg, &["ready"]).await;
     let emu = Emulator::start(&[]).await;
@@ -368,11 +308,7 @@ async fn events_wait_for_their_customer_without_attempts_then_go() {
         1,
         "no customer Polar would refuse is attempted"
     );
-    let stats: Value = pg
-        .query_one("SELECT meter.outbox_stats()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let stats: Value = pg.value("SELECT meter.outbox_stats()").await;
     assert_eq!(stats["waiting_for_customer"], 50);
     // The fix: an email. The customer is created, then the events go.
     pg.execute(
@@ -393,8 +329,7 @@ async fn events_wait_for_their_customer_without_attempts_then_go() {
 
 #[tokio::test]
 async fn a_backlog_of_one_organization_holds_back_another_by_at_most_a_round() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let keys = orgs(&db, &pg, &["big", "small"]).await;
     // 20k events of "big" are due before anything of "small" exists.
     pg.execute(
@@ -426,10 +361,7 @@ async fn a_backlog_of_one_organization_holds_back_another_by_at_most_a_round() {
     record_many(&side, &keys[1..], 1, 1).await;
     eventually(60, "small's fresh event sent", || async {
         let n: i64 = pg
-            .query_one("SELECT count(*) FROM meter.meter_event WHERE organization_id = 'small' AND polar_status = 'sent'", &[])
-            .await
-            .unwrap()
-            .get(0);
+            .value("SELECT count(*) FROM meter.meter_event WHERE organization_id = 'small' AND polar_status = 'sent'").await;
         (n == 1).then_some(())
     })
     .await;
@@ -444,8 +376,7 @@ async fn a_backlog_of_one_organization_holds_back_another_by_at_most_a_round() {
 
 #[tokio::test]
 async fn polar_finding_our_events_in_its_future_is_clock_skew_not_a_rejection() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let keys = orgs(&db, &pg, &["acme"]).await;
     let emu = Emulator::start(&[]).await;
     // Polar's clock runs 8 s behind ours: our fresh events are in its future.
@@ -464,8 +395,7 @@ async fn polar_finding_our_events_in_its_future_is_clock_skew_not_a_rejection() 
 
 #[tokio::test]
 async fn three_sidecars_share_one_rate_budget() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     orgs(&db, &pg, &["acme"]).await;
     pg.execute(
         "SELECT count(*) FROM generate_series(0, 2) b,

@@ -1,6 +1,7 @@
 //! The repository's documents say what is built: every name
 //! docs/architecture.md gives exists, the README's error and settings tables
 //! are the installed extension's, and nothing points outside the repository.
+use pm_e2e::Value1;
 use pm_e2e::{eventually, pg, repo_root, Emulator, Sidecar, TestDb};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -59,19 +60,15 @@ fn backquoted(md: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn every_file_and_function_named_in_the_architecture_page_exists() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (_db, c) = TestDb::with_admin().await;
     let md = std::fs::read_to_string(repo_root().join("docs/architecture.md")).unwrap();
     let objects: BTreeSet<String> = c
-        .query(
+        .column::<String>(
             "SELECT p.proname::text FROM pg_proc p WHERE p.pronamespace = 'meter'::regnamespace
              UNION SELECT c.relname::text FROM pg_class c WHERE c.relnamespace = 'meter'::regnamespace",
-            &[],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
         .collect();
     let files = repo_files();
     let rust = sources(&["rs"]);
@@ -143,21 +140,15 @@ fn nothing_in_the_repository_points_outside_it() {
 
 #[tokio::test]
 async fn the_readme_error_and_settings_tables_are_the_extensions() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (_db, c) = TestDb::with_admin().await;
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let lines: BTreeSet<&str> = readme.lines().collect();
     let errors: Vec<String> = c
-        .query(
+        .column(
             "SELECT format('| %s | %s | `%s` | %s |', sqlstate, http_status, problem_type, cause)
              FROM meter.error_codes() ORDER BY sqlstate",
-            &[],
         )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .await;
     let in_readme: Vec<&str> = readme.lines().filter(|l| l.starts_with("| PM")).collect();
     assert_eq!(
         in_readme,
@@ -165,15 +156,7 @@ async fn the_readme_error_and_settings_tables_are_the_extensions() {
         "README.md's error table differs from meter.error_codes()"
     );
     let settings: Vec<String> = c
-        .query(
-            "SELECT format('| `%s` | %s | %s |', name, default_value, description) FROM meter.settings() ORDER BY name",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .column("SELECT format('| `%s` | %s | %s |', name, default_value, description) FROM meter.settings() ORDER BY name").await;
     for row in &settings {
         assert!(
             lines.contains(row.as_str()),

@@ -9,6 +9,7 @@
 //! PM_FUZZ_REQUESTS (default 10000) and PM_FUZZ_SEED make runs longer or
 //! reproducible (`make fuzz` runs 100000).
 use futures_util::StreamExt;
+use pm_e2e::Value1;
 use pm_e2e::{http, Sidecar, TestDb};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -208,27 +209,25 @@ fn request(r: &mut Rng, key: &str, i: usize) -> (Vec<(String, Vec<u8>)>, Vec<u8>
     (headers, body)
 }
 
+/// How many requests (PM_FUZZ_REQUESTS, 10,000) and the seed (PM_FUZZ_SEED,
+/// else the clock: printed, so a failure can be replayed).
+fn fuzz_run() -> (usize, u64) {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let seed = env("PM_FUZZ_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+            | 1
+    });
+    (env("PM_FUZZ_REQUESTS").unwrap_or(10_000) as usize, seed)
+}
+
 #[tokio::test]
 async fn ten_thousand_hostile_requests_never_break_the_contract() {
-    let n: usize = std::env::var("PM_FUZZ_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let seed: u64 = std::env::var("PM_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let (n, seed) = fuzz_run();
     println!("fuzz: {n} requests, PM_FUZZ_SEED={seed}");
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let side = Sidecar::start(&db, &[]).await;
     let url = side.url("/api/v1/meter");
     let client = http();
@@ -305,13 +304,7 @@ async fn ten_thousand_hostile_requests_never_break_the_contract() {
         }
     }
     println!("fuzz: answers by status {by_status:?}");
-    let rows: Vec<String> = pg
-        .query("SELECT id::text FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows: Vec<String> = pg.column("SELECT id::text FROM meter.meter_event").await;
     let rows: HashSet<String> = rows.into_iter().collect();
     assert_eq!(
         rows, recorded,
@@ -383,26 +376,10 @@ fn batch_body(r: &mut Rng, i: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn hostile_batches_never_break_the_contract() {
-    let n: usize = std::env::var("PM_FUZZ_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000)
-        / 10;
-    let seed: u64 = std::env::var("PM_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let (n, seed) = fuzz_run();
+    let n = n / 10;
     println!("fuzz (batch): {n} requests, PM_FUZZ_SEED={seed}");
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let side = Sidecar::start(&db, &[]).await;
     let url = side.url("/api/v1/meter/batch");
     let client = http();
@@ -478,11 +455,9 @@ async fn hostile_batches_never_break_the_contract() {
         }
     }
     let rows: HashSet<String> = pg
-        .query("SELECT id::text FROM meter.meter_event", &[])
+        .column::<String>("SELECT id::text FROM meter.meter_event")
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
         .collect();
     assert_eq!(
         rows, recorded,
@@ -494,10 +469,7 @@ async fn hostile_batches_never_break_the_contract() {
 #[tokio::test]
 async fn slow_partial_and_vanishing_clients_never_break_it() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let side = Sidecar::start(&db, &[("POLAR_METER_BODY_TIMEOUT_SECS", "2")]).await;
     let addr = side.base.trim_start_matches("http://").to_string();
     let request = |idem: &str| {
@@ -555,11 +527,7 @@ async fn slow_partial_and_vanishing_clients_never_break_it() {
             assert!(answer.starts_with(want), "{kind}: {answer:?}");
         }
     }
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(
         n, 10,
         "the ten complete requests, and nothing from those that left"

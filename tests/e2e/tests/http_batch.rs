@@ -4,13 +4,11 @@
 //! a whole retried item by item.
 use futures_util::StreamExt;
 use pm_e2e::{http, Sidecar, TestDb};
+use pm_e2e::{Fetch, Value1};
 use serde_json::{json, Value};
 
 async fn setup(env: &[(&str, &str)]) -> (TestDb, tokio_postgres::Client, String, Sidecar) {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let side = Sidecar::start(&db, env).await;
     (db, pg, key, side)
 }
@@ -158,11 +156,7 @@ async fn a_bad_envelope_is_refused_whole() {
     // Key errors are the whole request's too.
     let (status, _) = batch(&side, "ak_nope", &json!({"events": [item("a", "e", 1)]})).await;
     assert_eq!(status, 401);
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 0, "nothing was recorded from any of them");
 }
 
@@ -196,11 +190,7 @@ async fn a_batch_that_fails_whole_is_retried_item_by_item() {
         v["results"][1]["problem"]["type"],
         "https://polar-meter.dev/problems/invalid-input"
     );
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 2);
 }
 
@@ -250,20 +240,9 @@ async fn concurrent_single_requests_are_group_committed_and_answered_one_by_one(
             );
         }
     }
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 360);
-    let m = http()
-        .get(side.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = http().get(side.url("/metrics")).fetch_text().await;
     let metric = |name: &str| -> u64 {
         m.lines()
             .find(|l| l.starts_with(name))

@@ -1,12 +1,12 @@
 //! API key management over HTTP: a keys:manage key manages its own org's keys
 //! and nothing else.
-use pm_e2e::{http, idem, now_rfc3339, Sidecar, TestDb};
+use pm_e2e::{http, Sidecar, TestDb};
+use pm_e2e::{Fetch, Value1};
 use serde_json::{json, Value};
 
 #[tokio::test]
 async fn create_list_revoke_within_one_org() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.org(&pg, "acme").await;
     let (_, admin) = db.key(&pg, "acme", &["fence:meter", "keys:manage"]).await;
     let side = Sidecar::start(&db, &[]).await;
@@ -29,25 +29,13 @@ async fn create_list_revoke_within_one_org() {
     assert_eq!(created["expires_at"], "2999-01-01T00:00:00Z");
 
     // The new key records events.
-    let r = c
-        .post(side.url("/api/v1/meter"))
-        .bearer_auth(&key)
-        .header("Idempotency-Key", idem())
-        .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(side.record(&key).await, 202);
 
     let list: Value = c
         .get(side.url("/api/v1/api-keys"))
         .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     let items = list["data"].as_array().unwrap();
     assert_eq!(items.len(), 2);
     let text = list.to_string();
@@ -113,8 +101,7 @@ async fn create_list_revoke_within_one_org() {
 
 #[tokio::test]
 async fn a_key_of_org_a_cannot_manage_org_b() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.org(&pg, "acme").await;
     db.org(&pg, "globex").await;
     let (_, acme_admin) = db.key(&pg, "acme", &["keys:manage"]).await;
@@ -146,27 +133,15 @@ async fn a_key_of_org_a_cannot_manage_org_b() {
     let list: Value = c
         .get(side.url("/api/v1/api-keys"))
         .bearer_auth(&acme_admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert!(list["data"]
         .as_array()
         .unwrap()
         .iter()
         .all(|k| k["id"] != b_id.to_string()));
     // Globex's key still works; a fence-only key cannot manage keys.
-    let r = c
-        .post(side.url("/api/v1/meter"))
-        .bearer_auth(&b_key)
-        .header("Idempotency-Key", idem())
-        .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(side.record(&b_key).await, 202);
     let r = c
         .get(side.url("/api/v1/api-keys"))
         .bearer_auth(&fence_only)
@@ -186,8 +161,7 @@ async fn a_key_of_org_a_cannot_manage_org_b() {
 
 #[tokio::test]
 async fn a_key_hands_on_only_what_it_holds_and_for_no_longer_than_it_lives() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.org(&pg, "acme").await;
     let row = pg
         .query_one(
@@ -239,12 +213,7 @@ async fn a_key_hands_on_only_what_it_holds_and_for_no_longer_than_it_lives() {
     let r = create(json!(["root"]), None).await.unwrap();
     assert_eq!(r.status(), 400);
     let n: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM meter.api_key WHERE permissions @> '{fence:meter}'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.api_key WHERE permissions @> '{fence:meter}'")
+        .await;
     assert_eq!(n, 0, "no escalation reached the table");
 }

@@ -3,6 +3,7 @@
 //! timeout, slow bodies at the body deadline; request SQL runs under a
 //! statement timeout with a bounded wait for a connection (503 +
 //! Retry-After); idle connections by the hundred do not lock out a client.
+use pm_e2e::Value1;
 use pm_e2e::{eventually, http, idem, now_rfc3339, Sidecar, TestDb};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -10,10 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn setup(env: &[(&str, &str)]) -> (TestDb, tokio_postgres::Client, String, Sidecar) {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let side = Sidecar::start(&db, env).await;
     (db, pg, key, side)
 }
@@ -97,20 +95,8 @@ async fn five_hundred_idle_connections_do_not_stop_a_well_behaved_client() {
             .unwrap();
         idle.push(s);
     }
-    let r = http()
-        .post(side.url("/api/v1/meter"))
-        .bearer_auth(&key)
-        .header("Idempotency-Key", idem())
-        .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    assert_eq!(side.record(&key).await, 202);
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 1);
     drop(idle);
 }
@@ -181,9 +167,8 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
     // database, until the statement timeout ends it.
     let blocker = db.admin().await;
     blocker
-        .batch_execute("BEGIN; SELECT meter.record_event_for_org('acme', 'held', 'e', now());")
-        .await
-        .unwrap();
+        .run("BEGIN; SELECT meter.record_event_for_org('acme', 'held', 'e', now());")
+        .await;
     let c = http();
     let post = |k: String| {
         c.post(side.url("/api/v1/meter"))
@@ -198,13 +183,7 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
         let watcher = db.admin().await;
         eventually(5, "the request waiting on the held key", || async {
             let n: i64 = watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd' AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
+                .value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd' AND wait_event_type = 'Lock'").await;
             (n > 0).then_some(())
         })
         .await;
@@ -224,7 +203,7 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
         "{:?}",
         started.elapsed()
     );
-    blocker.batch_execute("ROLLBACK").await.unwrap();
+    blocker.run("ROLLBACK").await;
     // Background work never shares that pool or its timeout; requests go on.
     assert_eq!(post(idem()).await.unwrap().status(), 202);
 }
@@ -240,16 +219,15 @@ async fn background_sql_is_bounded_by_a_statement_timeout_of_its_own() {
     // is cancelled after a second, and tries again, instead of hanging.
     let blocker = db.admin().await;
     blocker
-        .batch_execute("BEGIN; LOCK TABLE meter.alert IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+        .run("BEGIN; LOCK TABLE meter.alert IN ACCESS EXCLUSIVE MODE")
+        .await;
     eventually(20, "a cancelled background statement, logged", || async {
         side.logs_text()
             .contains("canceling statement due to statement timeout")
             .then_some(())
     })
     .await;
-    blocker.batch_execute("ROLLBACK").await.unwrap();
+    blocker.run("ROLLBACK").await;
     // Requests never waited on it.
     let r = http().get(side.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);

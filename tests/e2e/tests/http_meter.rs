@@ -1,6 +1,7 @@
 //! POST /api/v1/meter end to end: a real polar-meterd, logged in as the
 //! least-privilege role, in front of a real database.
 use pm_e2e::{http, idem, now_rfc3339, Sidecar, TestDb};
+use pm_e2e::{Fetch, Value1};
 use serde_json::{json, Value};
 
 struct Env {
@@ -12,8 +13,7 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.org(&pg, "acme").await;
     let (key_id, key) = db.key(&pg, "acme", &["fence:meter"]).await;
     let side = Sidecar::start(&db, &[]).await;
@@ -68,11 +68,7 @@ async fn happy_path_replay_and_one_row() {
         (s2, v2["status"].as_str(), v2["event_id"].as_str()),
         (202, Some("already_recorded"), v["event_id"].as_str())
     );
-    let n: i64 =
-        e.pg.query_one("SELECT count(*) FROM meter.meter_event", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n: i64 = e.pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 1);
 }
 
@@ -155,11 +151,7 @@ async fn sixty_four_concurrent_requests_with_one_key_record_once() {
         .map(|r| r.1["event_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 1);
-    let n: i64 =
-        e.pg.query_one("SELECT count(*) FROM meter.meter_event", &[])
-            .await
-            .unwrap()
-            .get(0);
+    let n: i64 = e.pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 1);
 }
 
@@ -176,12 +168,8 @@ async fn secrets_never_reach_the_logs() {
         .post(e.side.url("/api/v1/api-keys"))
         .bearer_auth(&admin)
         .json(&json!({"name": "ci"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     let new_key = created["key"].as_str().unwrap().to_string();
     // Read the metrics so the logs surely include the requests above.
     http().get(e.side.url("/metrics")).send().await.unwrap();

@@ -1,6 +1,7 @@
 //! docs/openapi.json describes what polar-meterd really answers: every real
 //! response below has a status the document declares for its operation, the
 //! declared media type, and a body valid against the declared schema.
+use pm_e2e::Fetch;
 use pm_e2e::{http, idem, now_rfc3339, repo_root, Sidecar, TestDb};
 use serde_json::{json, Value};
 
@@ -115,6 +116,17 @@ async fn conforms(doc: &Value, method: &str, template: &str, resp: reqwest::Resp
     status
 }
 
+/// (path template, URL, key, Idempotency-Key, content type, body, the status expected)
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<String>,
+    Option<&'a str>,
+    String,
+    u16,
+);
+
 #[tokio::test]
 async fn real_responses_match_the_openapi_document() {
     let doc: Value = serde_json::from_str(
@@ -122,149 +134,64 @@ async fn real_responses_match_the_openapi_document() {
     )
     .unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let (_, admin) = db.key(&pg, "acme", &["keys:manage"]).await;
     let side = Sidecar::start(&db, &[]).await;
     let c = http();
-    let meter = side.url("/api/v1/meter");
     let event = json!({"event_name": "api.request", "event_timestamp": now_rfc3339(), "metadata": {"n": 1, "s": "x", "b": true}});
-    let m = "/api/v1/meter";
     let mut seen = std::collections::BTreeSet::new();
     let k = idem();
-    for (resp, want) in [
-        (
-            c.post(&meter)
-                .bearer_auth(&key)
-                .header("Idempotency-Key", &k)
-                .json(&event)
-                .send()
-                .await
-                .unwrap(),
-            202,
-        ),
-        (
-            c.post(&meter)
-                .bearer_auth(&key)
-                .header("Idempotency-Key", &k)
-                .json(&event)
-                .send()
-                .await
-                .unwrap(),
-            202,
-        ),
-        (
-            c.post(&meter)
-                .bearer_auth(&key)
-                .header("Idempotency-Key", &k)
-                .json(&json!({"event_name": "other", "event_timestamp": now_rfc3339()}))
-                .send()
-                .await
-                .unwrap(),
-            422,
-        ),
-        (
-            c.post(&meter)
-                .bearer_auth(&key)
-                .header("Idempotency-Key", idem())
-                .header("content-type", "application/json")
-                .body("{")
-                .send()
-                .await
-                .unwrap(),
-            400,
-        ),
-        (
-            c.post(&meter)
-                .header("Idempotency-Key", idem())
-                .json(&event)
-                .send()
-                .await
-                .unwrap(),
-            401,
-        ),
-        (
-            c.post(&meter)
-                .bearer_auth(&admin)
-                .header("Idempotency-Key", idem())
-                .json(&event)
-                .send()
-                .await
-                .unwrap(),
-            403,
-        ),
-        (
-            c.post(&meter)
-                .bearer_auth(&key)
-                .header("Idempotency-Key", idem())
-                .json(&json!({"event_name": "x".repeat(70_000), "event_timestamp": "t"}))
-                .send()
-                .await
-                .unwrap(),
-            413,
-        ),
-        (
-            c.post(&meter)
-                .bearer_auth(&key)
-                .header("Idempotency-Key", idem())
-                .body("x")
-                .send()
-                .await
-                .unwrap(),
-            415,
-        ),
-    ] {
-        assert_eq!(conforms(&doc, "post", m, resp).await, want);
-        seen.insert(("post", m, want));
-    }
-    let batch = side.url("/api/v1/meter/batch");
-    let b = "/api/v1/meter/batch";
+    // A POST with an optional key, Idempotency-Key, content type and body.
+    let post =
+        |url: &str, key: Option<&str>, idem: Option<&str>, ct: Option<&str>, body: String| {
+            let mut r = c.post(url).body(body);
+            for (h, v) in [
+                ("authorization", key.map(|k| format!("Bearer {k}"))),
+                ("idempotency-key", idem.map(String::from)),
+                ("content-type", ct.map(String::from)),
+            ] {
+                if let Some(v) = v {
+                    r = r.header(h, v);
+                }
+            }
+            r.send()
+        };
+    let json_ct = Some("application/json");
+    let other = json!({"event_name": "other", "event_timestamp": now_rfc3339()}).to_string();
+    let huge = json!({"event_name": "x".repeat(70_000), "event_timestamp": "t"}).to_string();
     let item = |k: &str, name: &str| json!({"idempotency_key": k, "event_name": name, "event_timestamp": now_rfc3339()});
-    for (resp, want) in [
-        (
-            c.post(&batch)
-                .bearer_auth(&key)
-                .json(&json!({"events": [item(&idem(), "api.request"), item(&idem(), ""), item(&k, "other")]}))
-                .send()
-                .await
-                .unwrap(),
-            202,
-        ),
-        (
-            c.post(&batch).bearer_auth(&key).json(&json!({"events": []})).send().await.unwrap(),
-            400,
-        ),
-        (
-            c.post(&batch).json(&json!({"events": [item(&idem(), "e")]})).send().await.unwrap(),
-            401,
-        ),
-        (
-            c.post(&batch)
-                .bearer_auth(&admin)
-                .json(&json!({"events": [item(&idem(), "e")]}))
-                .send()
-                .await
-                .unwrap(),
-            403,
-        ),
-        (
-            c.post(&batch)
-                .bearer_auth(&key)
-                .json(&json!({"events": [item(&idem(), &"x".repeat(1_100_000))]}))
-                .send()
-                .await
-                .unwrap(),
-            413,
-        ),
-        (
-            c.post(&batch).bearer_auth(&key).body("x").send().await.unwrap(),
-            415,
-        ),
-    ] {
-        assert_eq!(conforms(&doc, "post", b, resp).await, want);
-        seen.insert(("post", b, want));
+    let mixed =
+        json!({"events": [item(&idem(), "api.request"), item(&idem(), ""), item(&k, "other")]})
+            .to_string();
+    let one = json!({"events": [item(&idem(), "e")]}).to_string();
+    let huge_batch = json!({"events": [item(&idem(), &"x".repeat(1_100_000))]}).to_string();
+    let (m, b) = ("/api/v1/meter", "/api/v1/meter/batch");
+    let (meter, batch) = (side.url(m), side.url(b));
+    #[rustfmt::skip]
+    let cases: Vec<Case> = vec![
+        (m, &meter, Some(&key), Some(k.clone()), json_ct, event.to_string(), 202),
+        (m, &meter, Some(&key), Some(k.clone()), json_ct, event.to_string(), 202),
+        (m, &meter, Some(&key), Some(k.clone()), json_ct, other, 422),
+        (m, &meter, Some(&key), Some(idem()), json_ct, "{".into(), 400),
+        (m, &meter, None, Some(idem()), json_ct, event.to_string(), 401),
+        (m, &meter, Some(&admin), Some(idem()), json_ct, event.to_string(), 403),
+        (m, &meter, Some(&key), Some(idem()), json_ct, huge, 413),
+        (m, &meter, Some(&key), Some(idem()), None, "x".into(), 415),
+        (b, &batch, Some(&key), None, json_ct, mixed, 202),
+        (b, &batch, Some(&key), None, json_ct, r#"{"events": []}"#.into(), 400),
+        (b, &batch, None, None, json_ct, one.clone(), 401),
+        (b, &batch, Some(&admin), None, json_ct, one, 403),
+        (b, &batch, Some(&key), None, json_ct, huge_batch, 413),
+        (b, &batch, Some(&key), None, None, "x".into(), 415),
+    ];
+    for (template, url, key, idem, ct, body, want) in cases {
+        let resp = post(url, key, idem.as_deref(), ct, body).await.unwrap();
+        assert_eq!(
+            conforms(&doc, "post", template, resp).await,
+            want,
+            "{template} {want}"
+        );
+        seen.insert(("post", template, want));
     }
     // Every problem type the extension's error table can produce is declared.
     let declared = doc["components"]["schemas"]["Problem"]["properties"]["type"]["enum"]
@@ -387,14 +314,7 @@ async fn real_responses_match_the_openapi_document() {
         seen.insert((method, template, want));
     }
     // The served document is the one in docs/.
-    let served: Value = c
-        .get(side.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let served: Value = c.get(side.url("/openapi.json")).fetch_json().await;
     assert_eq!(served, doc);
     // Every documented operation was exercised.
     for (path, ops) in doc["paths"].as_object().unwrap() {

@@ -1,13 +1,11 @@
 //! Discovery, health, readiness, metrics and graceful shutdown.
 use pm_e2e::{http, idem, now_rfc3339, Sidecar, TestDb};
+use pm_e2e::{Fetch, Value1};
 use serde_json::{json, Value};
 
 #[tokio::test]
 async fn discovery_health_readiness_and_metrics() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, _pg, key) = TestDb::acme().await;
     let side = Sidecar::start(&db, &[]).await;
     let c = http();
 
@@ -32,14 +30,7 @@ async fn discovery_health_readiness_and_metrics() {
     assert_eq!(doc["auth_schemes"][2]["accepted"], false);
     assert_eq!(doc["endpoints"]["meter"]["path"], "/api/v1/meter");
 
-    let h: Value = c
-        .get(side.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = c.get(side.url("/healthz")).fetch_json().await;
     assert_eq!(h["status"], "ok");
     let r = c.get(side.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -116,12 +107,10 @@ async fn discovery_health_readiness_and_metrics() {
 
 #[tokio::test]
 async fn readyz_fails_when_the_extension_version_differs() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     // Pretend the database holds another version of the extension.
-    pg.batch_execute("UPDATE pg_extension SET extversion = '0.0.1' WHERE extname = 'polar_meter'")
-        .await
-        .unwrap();
+    pg.run("UPDATE pg_extension SET extversion = '0.0.1' WHERE extname = 'polar_meter'")
+        .await;
     let side = Sidecar::start(&db, &[]).await;
     let r = http().get(side.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
@@ -135,13 +124,11 @@ async fn readyz_fails_when_the_extension_version_differs() {
 
 #[tokio::test]
 async fn readyz_keeps_a_sidecar_in_rotation_while_a_newer_extension_still_serves_it() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     // ALTER EXTENSION ... UPDATE ran first (rolling upgrade): a newer version
     // that still serves this binary keeps it ready.
-    pg.batch_execute("UPDATE pg_extension SET extversion = '0.4.0' WHERE extname = 'polar_meter'")
-        .await
-        .unwrap();
+    pg.run("UPDATE pg_extension SET extversion = '0.4.0' WHERE extname = 'polar_meter'")
+        .await;
     let side = Sidecar::start(&db, &[]).await;
     let r = http().get(side.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -149,9 +136,7 @@ async fn readyz_keeps_a_sidecar_in_rotation_while_a_newer_extension_still_serves
     assert_eq!(v["extension_version"], "0.4.0");
     assert_eq!(v["delivery"]["enabled"], false, "{v}");
     // One that no longer serves it takes it out of rotation.
-    pg.batch_execute("CREATE OR REPLACE FUNCTION meter.oldest_supported_sidecar() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT '9.0.0'::text $$")
-        .await
-        .unwrap();
+    pg.run("CREATE OR REPLACE FUNCTION meter.oldest_supported_sidecar() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT '9.0.0'::text $$").await;
     let r = http().get(side.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
@@ -160,17 +145,14 @@ async fn readyz_keeps_a_sidecar_in_rotation_while_a_newer_extension_still_serves
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let side = Sidecar::start(&db, &[]).await;
     let ts = now_rfc3339();
 
     // A DBA transaction holds the idempotency key, so the HTTP request waits
     // inside record_event until it commits.
     let blocker = db.admin().await;
-    blocker.batch_execute("BEGIN").await.unwrap();
+    blocker.run("BEGIN").await;
     blocker
         .query_one(
             "SELECT * FROM meter.record_event_for_org('acme', 'held', 'e', $1::text)",
@@ -195,13 +177,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         let pg = &pg;
         async move {
             let n: i64 = pg
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
+                .value("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'").await;
             (n > 0).then_some(())
         }
     })
@@ -221,7 +197,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         }
     })
     .await;
-    blocker.batch_execute("COMMIT").await.unwrap();
+    blocker.run("COMMIT").await;
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(
         (status, body["status"].as_str()),

@@ -1,14 +1,13 @@
 //! /metrics as an operator pages on it: Polar calls by endpoint and outcome,
 //! delivery results, the outbox and reconciliation as the database reports
 //! them, alerts, and whether delivery is paused; and promtool accepts it.
+use pm_e2e::Fetch;
+use pm_e2e::Value1;
 use pm_e2e::{eventually, http, record_many, statuses, Emulator, Sidecar, TestDb};
 
 #[tokio::test]
 async fn delivery_metrics_are_exposed_and_promtool_accepts_them() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let emu = Emulator::start(&[]).await;
     let side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
     record_many(&side, &[("acme".into(), key)], 50, 8).await;
@@ -16,21 +15,12 @@ async fn delivery_metrics_are_exposed_and_promtool_accepts_them() {
         (statuses(&pg).await.get("sent") == Some(&50)).then_some(())
     })
     .await;
-    pg.batch_execute("SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'counts'); SELECT meter._alert('drift', '', '{}')")
-        .await
-        .unwrap();
+    pg.run("SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'counts'); SELECT meter._alert('drift', '', '{}')").await;
     let text = eventually(
         30,
         "the reconcile run and the alert in /metrics",
         || async {
-            let t = http()
-                .get(side.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let t = http().get(side.url("/metrics")).fetch_text().await;
             (t.contains("polar_meter_reconcile_last_age_seconds")
                 && t.contains("polar_meter_alerts_raised_total 1"))
             .then_some(t)

@@ -1,22 +1,12 @@
 //! Organizations through meter.upsert_organization: Polar's rule for a team
 //! customer applied before a row exists, an owner instead of an email, and
 //! a changed name or email pushed to the Polar customer.
-use pm_e2e::{eventually, sqlstate, Emulator, Sidecar, TestDb};
-
-async fn customer(pg: &tokio_postgres::Client, org: &str) -> Option<String> {
-    pg.query_one(
-        "SELECT polar_customer_id FROM meter.organization WHERE id = $1",
-        &[&org],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
+use pm_e2e::Value1;
+use pm_e2e::{customer_id, eventually, sqlstate, Emulator, Sidecar, TestDb};
 
 #[tokio::test]
 async fn polars_rule_for_a_team_customer_is_applied_before_a_row_exists() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     for (args, needle) in [
         ("'acme', 'Acme'", "owner"),
         ("'acme', 'Acme', 'not-an-address'", "email"),
@@ -37,19 +27,14 @@ async fn polars_rule_for_a_team_customer_is_applied_before_a_row_exists() {
         assert_eq!(code, "PM036", "{args}");
         assert!(msg.contains(needle), "{args}: {msg}");
     }
-    let n: i64 = pg
-        .query_one("SELECT count(*) FROM meter.organization", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = pg.value("SELECT count(*) FROM meter.organization").await;
     assert_eq!(n, 0);
     // A DBA who is not a superuser manages organizations through the function.
     let dba = format!("dba_{}", uuid::Uuid::new_v4().simple());
-    pg.batch_execute(&format!(
+    pg.run(&format!(
         "CREATE ROLE {dba} LOGIN IN ROLE polar_meter_admin"
     ))
-    .await
-    .unwrap();
+    .await;
     let dba = db.client_as(&dba).await;
     let row = dba
         .query_one("SELECT id, email, owner_email FROM meter.upsert_organization('acme', 'Acme', NULL, 'ceo@acme.example', 'Ada')", &[])
@@ -71,11 +56,10 @@ async fn polars_rule_for_a_team_customer_is_applied_before_a_row_exists() {
     );
     // The sidecar's role cannot.
     let side = format!("side_{}", uuid::Uuid::new_v4().simple());
-    pg.batch_execute(&format!(
+    pg.run(&format!(
         "CREATE ROLE {side} LOGIN IN ROLE polar_meter_sidecar"
     ))
-    .await
-    .unwrap();
+    .await;
     let side = db.client_as(&side).await;
     assert_eq!(
         sqlstate(
@@ -88,17 +72,13 @@ async fn polars_rule_for_a_team_customer_is_applied_before_a_row_exists() {
         "42501"
     );
     let audited: i64 = pg
-        .query_one("SELECT count(*) FROM meter.audit_log WHERE action = 'organization.created' AND organization_id = 'acme'", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.audit_log WHERE action = 'organization.created' AND organization_id = 'acme'").await;
     assert_eq!(audited, 1);
 }
 
 #[tokio::test]
 async fn an_owner_stands_in_for_the_email_and_a_change_reaches_polar() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let emu = Emulator::start(&[]).await;
     let _side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
     pg.execute(
@@ -108,7 +88,7 @@ async fn an_owner_stands_in_for_the_email_and_a_change_reaches_polar() {
     .await
     .unwrap();
     let id = eventually(30, "acme provisioned", || async {
-        customer(&pg, "acme").await
+        customer_id(&pg, "acme").await
     })
     .await;
     let c = &emu.customers().await[0];
@@ -134,7 +114,7 @@ async fn an_owner_stands_in_for_the_email_and_a_change_reaches_polar() {
         (r.get::<_, i32>(0) == 1 && r.get::<_, i32>(1) == 1).then_some(())
     })
     .await;
-    assert_eq!(customer(&pg, "acme").await, Some(id));
+    assert_eq!(customer_id(&pg, "acme").await, Some(id));
     let patched = emu.stats().await["requests"]
         .as_object()
         .unwrap()
@@ -146,12 +126,7 @@ async fn an_owner_stands_in_for_the_email_and_a_change_reaches_polar() {
         .await
         .unwrap();
     let v: i32 = pg
-        .query_one(
-            "SELECT customer_version FROM meter.organization WHERE id = 'acme'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT customer_version FROM meter.organization WHERE id = 'acme'")
+        .await;
     assert_eq!(v, 1);
 }

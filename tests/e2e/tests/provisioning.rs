@@ -1,21 +1,11 @@
 //! Organization -> Polar team customer: created once, recovered when it
 //! already exists, and backfilled in bulk.
-use pm_e2e::{eventually, http, meterd_cli, Emulator, Sidecar, TestDb};
-
-async fn customer_id(pg: &tokio_postgres::Client, org: &str) -> Option<String> {
-    pg.query_one(
-        "SELECT polar_customer_id FROM meter.organization WHERE id = $1",
-        &[&org],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
+use pm_e2e::Value1;
+use pm_e2e::{customer_id, eventually, http, meterd_cli, Emulator, Sidecar, TestDb};
 
 #[tokio::test]
 async fn a_new_org_gets_one_team_customer_and_an_existing_one_is_recovered() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let emu = Emulator::start(&[]).await;
     // Already at Polar (say, from an earlier attempt whose answer was lost).
     let r = http()
@@ -60,20 +50,14 @@ async fn a_new_org_gets_one_team_customer_and_an_existing_one_is_recovered() {
         "the existing id was recovered"
     );
     let audited: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM meter.audit_log WHERE action = 'customer.provisioned'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.audit_log WHERE action = 'customer.provisioned'")
+        .await;
     assert_eq!(audited, 2);
 }
 
 #[tokio::test]
 async fn backfill_provisions_fifty_orgs() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let emu = Emulator::start(&[]).await;
     pg.execute(
         "INSERT INTO meter.organization (id, name, email) SELECT 'org' || i, 'Org ' || i, 'org' || i || '@example.org' FROM generate_series(1, 50) i",
@@ -91,23 +75,13 @@ async fn backfill_provisions_fifty_orgs() {
         String::from_utf8_lossy(&out.stdout).contains("50 organizations queued, 50 provisioned")
     );
     let missing: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM meter.organization WHERE polar_customer_id IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.organization WHERE polar_customer_id IS NULL")
+        .await;
     assert_eq!(missing, 0);
     let customers = emu.customers().await;
     assert_eq!(customers.len(), 50);
     let linked: i64 = pg
-        .query_one(
-            "SELECT count(DISTINCT polar_customer_id) FROM meter.organization",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(DISTINCT polar_customer_id) FROM meter.organization")
+        .await;
     assert_eq!(linked, 50);
 }

@@ -1,4 +1,5 @@
 //! Reconciliation: Polar's event list against what we recorded, per window.
+use pm_e2e::Value1;
 use pm_e2e::{eventually, http, meterd_cli, record_many, statuses, Emulator, Sidecar, TestDb};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -13,8 +14,7 @@ struct Day {
 
 /// 2 orgs, `n` events each, all delivered to the emulator.
 async fn delivered_day(n: usize) -> Day {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     let mut keys = Vec::new();
     for org in ["acme", "globex"] {
         pg.execute("INSERT INTO meter.organization (id, name, email) VALUES ($1, $1, $1 || '@example.org')", &[&org]).await.unwrap();
@@ -36,18 +36,25 @@ async fn delivered_day(n: usize) -> Day {
 }
 
 /// Opens a run over the last hour and waits for the sidecar to finish it.
-async fn reconcile(d: &Day) -> (i64, Value) {
+/// Opens a run over the last hour (`mode` None: the default choice) and waits for its end.
+async fn reconcile(d: &Day, mode: Option<&str>) -> (i64, Value) {
     let id: i64 =
         d.pg.query_one(
-            "SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour')",
-            &[],
+            "SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', $1)",
+            &[&mode],
         )
         .await
         .unwrap()
         .get(0);
-    let result = eventually(60, "the run done", || async {
-        let r =
-            d.pg.query_one(
+    let result = run_done(&d.pg, id).await;
+    (id, result)
+}
+
+/// Waits for run `id` to be done and returns its result.
+async fn run_done(pg: &Client, id: i64) -> Value {
+    eventually(60, "the run done", || async {
+        let r = pg
+            .query_one(
                 "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
                 &[&id],
             )
@@ -55,8 +62,7 @@ async fn reconcile(d: &Day) -> (i64, Value) {
             .unwrap();
         (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
     })
-    .await;
-    (id, result)
+    .await
 }
 
 async fn audit_count(pg: &Client, action: &str) -> i64 {
@@ -104,7 +110,7 @@ async fn delete_acme_events(emu: &Emulator, k: usize) -> BTreeSet<String> {
 #[tokio::test]
 async fn a_clean_day_has_no_drift_and_no_alert() {
     let d = delivered_day(2_500).await;
-    let (_, r) = reconcile(&d).await;
+    let (_, r) = reconcile(&d, None).await;
     assert_eq!(r["local_sent"], 5_000);
     assert_eq!(r["remote_total"], 5_000);
     assert_eq!(r["drift"], 0);
@@ -113,13 +119,8 @@ async fn a_clean_day_has_no_drift_and_no_alert() {
     assert_eq!(audit_count(&d.pg, "alert.drift").await, 0);
     assert_eq!(audit_count(&d.pg, "reconcile.clean").await, 1);
     let unmatched: i64 =
-        d.pg.query_one(
-            "SELECT count(*) FROM meter.meter_event WHERE polar_event_id IS NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        d.pg.value("SELECT count(*) FROM meter.meter_event WHERE polar_event_id IS NULL")
+            .await;
     assert_eq!(unmatched, 0, "every matched event learned its Polar id");
 }
 
@@ -127,7 +128,7 @@ async fn a_clean_day_has_no_drift_and_no_alert() {
 async fn two_percent_missing_for_one_org_is_reported_exactly_and_alerts() {
     let d = delivered_day(2_500).await;
     let deleted = delete_acme_events(&d.emu, 50).await;
-    let (id, r) = reconcile(&d).await;
+    let (id, r) = reconcile(&d, None).await;
     assert_eq!(r["drift"], 50);
     assert_eq!(r["missing_at_polar"]["count"], 50);
     let missing: BTreeSet<String> = r["missing_at_polar"]["event_ids"]
@@ -171,7 +172,7 @@ async fn two_percent_missing_for_one_org_is_reported_exactly_and_alerts() {
 async fn half_a_percent_warns_and_audits_without_an_alert() {
     let d = delivered_day(2_500).await;
     delete_acme_events(&d.emu, 12).await;
-    let (_, r) = reconcile(&d).await;
+    let (_, r) = reconcile(&d, None).await;
     assert_eq!(r["drift"], 12);
     assert_eq!(audit_count(&d.pg, "reconcile.drift").await, 1);
     assert_eq!(
@@ -231,30 +232,6 @@ async fn events_at_polar_we_never_sent_are_unexpected_and_a_backlog_is_not_drift
     assert_eq!(r["customers"][0]["delta"], 3);
 }
 
-/// Opens a run in `mode` over the last hour and waits for its end.
-async fn reconcile_mode(d: &Day, mode: &str) -> (i64, Value) {
-    let id: i64 =
-        d.pg.query_one(
-            "SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', $1)",
-            &[&mode],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let result = eventually(60, "the run done", || async {
-        let r =
-            d.pg.query_one(
-                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap();
-        (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
-    })
-    .await;
-    (id, result)
-}
-
 async fn list_calls(emu: &Emulator) -> u64 {
     emu.stats().await["requests"]["GET /v1/events/ 200"]
         .as_u64()
@@ -265,7 +242,7 @@ async fn list_calls(emu: &Emulator) -> u64 {
 async fn a_clean_day_in_counts_mode_costs_one_request_per_pair_and_lists_nothing() {
     let d = delivered_day(1_000).await;
     let before = list_calls(&d.emu).await;
-    let (_, r) = reconcile_mode(&d, "counts").await;
+    let (_, r) = reconcile(&d, Some("counts")).await;
     // 2 organizations x 2 event names, and the window's total.
     assert_eq!(list_calls(&d.emu).await - before, 5, "{r}");
     assert_eq!(
@@ -280,10 +257,8 @@ async fn a_clean_day_in_counts_mode_costs_one_request_per_pair_and_lists_nothing
     assert_eq!(r["remote_total"], 2_000);
     assert_eq!(audit_count(&d.pg, "reconcile.clean").await, 1);
     let copies: i64 =
-        d.pg.query_one("SELECT count(*) FROM meter.reconcile_remote", &[])
-            .await
-            .unwrap()
-            .get(0);
+        d.pg.value("SELECT count(*) FROM meter.reconcile_remote")
+            .await;
     assert_eq!(copies, 0, "nothing copied, nothing left");
 }
 
@@ -291,7 +266,7 @@ async fn a_clean_day_in_counts_mode_costs_one_request_per_pair_and_lists_nothing
 async fn counts_that_differ_list_only_that_pair_and_name_every_missing_event() {
     let d = delivered_day(1_000).await;
     let deleted = delete_acme_events(&d.emu, 7).await;
-    let (_, r) = reconcile_mode(&d, "counts").await;
+    let (_, r) = reconcile(&d, Some("counts")).await;
     assert!(
         r["pairs_listed"].as_i64().unwrap() >= 1 && r["pairs_listed"].as_i64().unwrap() <= 2,
         "acme's pairs only: {r}"
@@ -306,10 +281,8 @@ async fn counts_that_differ_list_only_that_pair_and_name_every_missing_event() {
     assert_eq!(missing, deleted);
     assert_eq!(r["drift"], 7);
     let copies: i64 =
-        d.pg.query_one("SELECT count(*) FROM meter.reconcile_remote", &[])
-            .await
-            .unwrap()
-            .get(0);
+        d.pg.value("SELECT count(*) FROM meter.reconcile_remote")
+            .await;
     assert_eq!(
         copies, 0,
         "the copy of Polar's events is pruned once the run is done"
@@ -328,7 +301,7 @@ async fn events_under_a_pair_we_never_sent_turn_a_counts_run_into_a_full_one() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let (_, r) = reconcile_mode(&d, "counts").await;
+    let (_, r) = reconcile(&d, Some("counts")).await;
     assert_eq!(r["mode"], "full", "{r}");
     assert!(r["escalated"].is_string(), "{r}");
     assert_eq!(r["unexpected_at_polar"]["count"], 1);
@@ -366,26 +339,16 @@ async fn a_run_that_keeps_failing_ends_failed_with_an_alert() {
     assert!(err.contains("HTTP 5"), "{err}");
     assert_eq!(audit_count(&d.pg, "alert.reconcile_failing").await, 1);
     let kind: String =
-        d.pg.query_one(
-            "SELECT kind FROM meter.alert WHERE kind = 'reconcile_failing'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        d.pg.value("SELECT kind FROM meter.alert WHERE kind = 'reconcile_failing'")
+            .await;
     assert_eq!(kind, "reconcile_failing");
 }
 
 #[tokio::test]
 async fn no_run_covering_yesterday_by_the_configured_hour_is_overdue() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.set(&pg, "reconcile_overdue_hour", "0").await;
-    let raised: i32 = pg
-        .query_one("SELECT meter.check_delivery_health()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let raised: i32 = pg.value("SELECT meter.check_delivery_health()").await;
     assert_eq!(raised, 1);
     assert_eq!(audit_count(&pg, "alert.reconcile_overdue").await, 1);
     // A finished run today over a window ending yesterday or later settles it.
@@ -396,20 +359,13 @@ async fn no_run_covering_yesterday_by_the_configured_hour_is_overdue() {
     )
     .await
     .unwrap();
-    let raised: i32 = pg
-        .query_one("SELECT meter.check_delivery_health()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let raised: i32 = pg.value("SELECT meter.check_delivery_health()").await;
     assert_eq!(raised, 0);
 }
 
 #[tokio::test]
 async fn an_event_recorded_days_after_its_timestamp_is_reconciled_in_its_own_window() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, pg, key) = TestDb::acme().await;
     let emu = Emulator::start(&[]).await;
     let _side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
     // Three days ago's window was reconciled, clean, before the event existed.
@@ -418,17 +374,7 @@ async fn an_event_recorded_days_after_its_timestamp_is_reconciled_in_its_own_win
         .await
         .unwrap()
         .get(0);
-    let first = eventually(60, "the old window reconciled", || async {
-        let r = pg
-            .query_one(
-                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
-                &[&old],
-            )
-            .await
-            .unwrap();
-        (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
-    })
-    .await;
+    let first = run_done(&pg, old).await;
     assert_eq!(first["local_sent"], 0);
     // The event arrives today, timestamped three days ago, and is delivered.
     let ts = (chrono::Utc::now() - chrono::Duration::days(3)).to_rfc3339();
@@ -464,8 +410,7 @@ async fn an_event_recorded_days_after_its_timestamp_is_reconciled_in_its_own_win
 
 #[tokio::test]
 async fn an_event_given_up_on_that_polar_holds_is_healed_to_sent() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
+    let (db, pg) = TestDb::with_admin().await;
     db.set(&pg, "backoff_base", "20 milliseconds").await;
     db.set(&pg, "backoff_cap", "100 milliseconds").await;
     db.org(&pg, "acme").await;
@@ -474,13 +419,8 @@ async fn an_event_given_up_on_that_polar_holds_is_healed_to_sent() {
     let side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
     eventually(30, "acme provisioned", || async {
         let n: i64 = pg
-            .query_one(
-                "SELECT count(*) FROM meter.organization WHERE polar_customer_id IS NOT NULL",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+            .value("SELECT count(*) FROM meter.organization WHERE polar_customer_id IS NOT NULL")
+            .await;
         (n == 1).then_some(())
     })
     .await;
@@ -506,28 +446,13 @@ async fn an_event_given_up_on_that_polar_holds_is_healed_to_sent() {
         .await
         .unwrap()
         .get(0);
-    let r = eventually(60, "the run done", || async {
-        let r = pg
-            .query_one(
-                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap();
-        (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
-    })
-    .await;
+    let r = run_done(&pg, id).await;
     assert_eq!(r["healed"], 5, "{r}");
     assert_eq!(r["drift"], 0);
     assert_eq!(statuses(&pg).await.get("sent"), Some(&5));
     let with_ids: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM meter.meter_event WHERE polar_event_id IS NOT NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.meter_event WHERE polar_event_id IS NOT NULL")
+        .await;
     assert_eq!(with_ids, 5);
     assert_eq!(audit_count(&pg, "event.healed").await, 5);
 }

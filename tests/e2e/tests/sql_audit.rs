@@ -1,12 +1,12 @@
 //! The audit log: append-only, each organization's rows sealed asynchronously
 //! into a hash chain of their own that detects altered and removed rows, and
 //! that a writer holding an id open can never make skip a row.
+use pm_e2e::Value1;
 use pm_e2e::{sqlstate, TestDb};
 use tokio_postgres::Client;
 
 async fn with_events(orgs: &[&str], n: i32) -> (TestDb, Client) {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     for org in orgs {
         db.org(&c, org).await;
         c.execute(
@@ -33,10 +33,7 @@ async fn verify(c: &Client) -> Option<(String, Option<i64>, String)> {
 }
 
 async fn seal(c: &Client) -> i32 {
-    c.query_one("SELECT meter.seal_audit_log()", &[])
-        .await
-        .unwrap()
-        .get(0)
+    c.value("SELECT meter.seal_audit_log()").await
 }
 
 async fn chain(c: &Client, org: &str) -> Vec<(i64, i64)> {
@@ -75,13 +72,8 @@ async fn each_organization_gets_a_gapless_chain_of_its_own() {
         assert!(linked, "each row holds its predecessor's hash");
     }
     let heads: i64 = c
-        .query_one(
-            "SELECT count(*) FROM meter.audit_chain WHERE last_seq = 21",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.audit_chain WHERE last_seq = 21")
+        .await;
     assert_eq!(heads, 2);
 }
 
@@ -116,11 +108,9 @@ async fn the_log_is_append_only_and_never_truncated() {
 
 /// Tampering as a superuser with the triggers disabled, as an attacker would.
 async fn tamper(c: &Client, sql: &str) {
-    c.batch_execute(&format!(
+    c.run(&format!(
         "ALTER TABLE meter.audit_log DISABLE TRIGGER USER; {sql}; ALTER TABLE meter.audit_log ENABLE TRIGGER USER;"
-    ))
-    .await
-    .unwrap();
+    )).await;
 }
 
 #[tokio::test]
@@ -198,9 +188,8 @@ async fn a_writer_holding_an_earlier_id_open_is_chained_after_the_rows_that_comm
     assert_eq!(seal(&c).await, 3);
     // Session A takes the next audit id and stays open; B takes a later one and commits.
     let a = db.admin().await;
-    a.batch_execute("BEGIN; SELECT meter.record_event_for_org('acme', 'slow', 'e', now());")
-        .await
-        .unwrap();
+    a.run("BEGIN; SELECT meter.record_event_for_org('acme', 'slow', 'e', now());")
+        .await;
     c.execute(
         "SELECT meter.record_event_for_org('acme', 'fast', 'e', now())",
         &[],
@@ -212,7 +201,7 @@ async fn a_writer_holding_an_earlier_id_open_is_chained_after_the_rows_that_comm
         1,
         "B's row is sealed now: nothing waits on A"
     );
-    a.batch_execute("COMMIT").await.unwrap();
+    a.run("COMMIT").await;
     assert_eq!(
         seal(&c).await,
         1,

@@ -1,14 +1,14 @@
 //! docs/sql-api.md is what the installed extension says: regenerate it with
 //! scripts/sql-docs.sh after changing a function or its COMMENT.
+use pm_e2e::Value1;
 use pm_e2e::{repo_root, TestDb};
 
 #[tokio::test]
 async fn the_sql_api_reference_matches_the_installed_functions() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (_db, c) = TestDb::with_admin().await;
     let query =
         std::fs::read_to_string(repo_root().join("tests/e2e/sql/sql_api_reference.sql")).unwrap();
-    let generated: String = c.query_one(query.as_str(), &[]).await.unwrap().get(0);
+    let generated: String = c.value(query.as_str()).await;
     let on_disk = std::fs::read_to_string(repo_root().join("docs/sql-api.md")).unwrap_or_default();
     assert!(
         on_disk.trim_end() == generated.trim_end(),

@@ -1,5 +1,6 @@
 //! pg_dump / pg_restore keeps every billing record: extension-owned tables are
 //! registered with pg_extension_config_dump (pgmq's hard lesson).
+use pm_e2e::Value1;
 use pm_e2e::{connect, pg, TestDb};
 use std::process::Command;
 
@@ -9,8 +10,7 @@ fn bin(name: &str) -> String {
 
 #[tokio::test]
 async fn dump_and_restore_round_trip_keeps_everything() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     let (_, key) = db.key(&c, "acme", &["fence:meter"]).await;
     c.execute(
@@ -57,9 +57,8 @@ async fn dump_and_restore_round_trip_keeps_everything() {
     let restored = format!("{}_r", db.name);
     connect("postgres", "postgres")
         .await
-        .batch_execute(&format!("CREATE DATABASE {restored} TEMPLATE template0"))
-        .await
-        .unwrap();
+        .run(&format!("CREATE DATABASE {restored} TEMPLATE template0"))
+        .await;
     let out = Command::new(bin("pg_restore"))
         .args([
             "-h",
@@ -146,10 +145,6 @@ async fn dump_and_restore_round_trip_keeps_everything() {
             .get::<_, Option<i64>>(0),
         None
     );
-    let run: i64 = r
-        .query_one("SELECT meter.reconcile_meter_to_polar()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let run: i64 = r.value("SELECT meter.reconcile_meter_to_polar()").await;
     assert_eq!(run, 2, "sequence continued after restore");
 }

@@ -1,12 +1,12 @@
 //! record_event through SQL: idempotency, isolation between orgs, concurrency
 //! and every validation rule.
+use pm_e2e::Value1;
 use pm_e2e::{db_error, sqlstate, TestDb};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 async fn setup() -> (TestDb, Client, String) {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     let (_, key) = db.key(&c, "acme", &["fence:meter"]).await;
     (db, c, key)
@@ -73,20 +73,11 @@ async fn replay_returns_the_original_and_a_changed_payload_is_refused() {
             "{msg}"
         );
     }
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows: i64 = c.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(rows, 1);
     let audit: i64 = c
-        .query_one(
-            "SELECT count(*) FROM meter.audit_log WHERE action = 'event.recorded'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(*) FROM meter.audit_log WHERE action = 'event.recorded'")
+        .await;
     assert_eq!(
         audit, 1,
         "one audit row per recorded event, none for replays"
@@ -160,13 +151,8 @@ async fn idempotency_keys_are_per_organization() {
         ]
     );
     let ext: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT external_id) FROM meter.meter_event",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT count(DISTINCT external_id) FROM meter.meter_event")
+        .await;
     assert_eq!(ext, 2, "external ids differ across orgs");
 }
 
@@ -203,11 +189,7 @@ async fn thirty_two_concurrent_sessions_with_one_key_make_one_row() {
         results.iter().all(|r| r.1 == results[0].1),
         "all see the same event id"
     );
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows: i64 = c.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(rows, 1);
 }
 
@@ -361,11 +343,7 @@ async fn each_validation_rule_has_its_code_and_names_the_field() {
             .0,
         "recorded"
     );
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows: i64 = c.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(rows, 2, "no rejected event left a row");
 }
 

@@ -3,8 +3,7 @@ use pm_e2e::{db_error, sqlstate, TestDb};
 
 #[tokio::test]
 async fn ten_thousand_generated_keys_are_wellformed_and_unique() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (_db, c) = TestDb::with_admin().await;
     let row = c
         .query_one(
             "SELECT count(*), count(DISTINCT k), bool_and(k ~ '^ak_[0-9A-Za-z]{48}$')
@@ -20,8 +19,7 @@ async fn ten_thousand_generated_keys_are_wellformed_and_unique() {
 
 #[tokio::test]
 async fn create_returns_the_key_once_and_stores_only_its_hash() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     let row = c
         .query_one(
@@ -75,8 +73,7 @@ async fn create_returns_the_key_once_and_stores_only_its_hash() {
 
 #[tokio::test]
 async fn create_rejects_bad_arguments_with_distinct_codes() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     assert_eq!(
         sqlstate(
@@ -116,8 +113,7 @@ async fn create_rejects_bad_arguments_with_distinct_codes() {
 
 #[tokio::test]
 async fn verify_has_a_distinct_sqlstate_per_failure() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     let (id, key) = db.key(&c, "acme", &["fence:meter"]).await;
     let verify = |k: String, p: &'static str| {
@@ -198,8 +194,7 @@ async fn verify_has_a_distinct_sqlstate_per_failure() {
 
 #[tokio::test]
 async fn revoke_applies_to_the_next_record_event_from_another_session() {
-    let db = TestDb::new().await;
-    let dba = db.admin().await;
+    let (db, dba) = TestDb::with_admin().await;
     let app = db.admin().await;
     db.org(&dba, "acme").await;
     let (id, key) = db.key(&dba, "acme", &["fence:meter"]).await;
@@ -222,8 +217,7 @@ async fn revoke_applies_to_the_next_record_event_from_another_session() {
 
 #[tokio::test]
 async fn last_used_at_is_written_at_most_once_a_minute() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     let (id, key) = db.key(&c, "acme", &["fence:meter"]).await;
     let last = || async {
@@ -261,8 +255,7 @@ async fn last_used_at_is_written_at_most_once_a_minute() {
 
 #[tokio::test]
 async fn rotation_hands_over_to_a_new_key_within_the_grace() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     let (old_id, old_key) = db.key(&c, "acme", &["fence:meter", "keys:manage"]).await;
     let verify = |k: String| {

@@ -1,19 +1,18 @@
 //! The sidecar's role can execute what it serves and nothing else.
+use pm_e2e::Value1;
 use pm_e2e::{sqlstate, TestDb};
 
 #[tokio::test]
 async fn the_sidecar_role_executes_functions_but_touches_no_table() {
-    let db = TestDb::new().await;
-    let dba = db.admin().await;
+    let (db, dba) = TestDb::with_admin().await;
     db.org(&dba, "acme").await;
     let (_, key) = db.key(&dba, "acme", &["fence:meter"]).await;
     // Roles are cluster-wide; a unique login role per test keeps tests independent.
     let login = format!("meterd_{}", &db.name[2..]);
-    dba.batch_execute(&format!(
+    dba.run(&format!(
         "CREATE ROLE {login} LOGIN IN ROLE polar_meter_sidecar"
     ))
-    .await
-    .unwrap();
+    .await;
     let side = db.client_as(&login).await;
 
     // What it may do.
@@ -68,9 +67,7 @@ async fn the_sidecar_role_executes_functions_but_touches_no_table() {
     }
     // PUBLIC has nothing either.
     let nobody = format!("nobody_{}", &db.name[2..]);
-    dba.batch_execute(&format!("CREATE ROLE {nobody} LOGIN"))
-        .await
-        .unwrap();
+    dba.run(&format!("CREATE ROLE {nobody} LOGIN")).await;
     let pubc = db.client_as(&nobody).await;
     assert_eq!(
         sqlstate(

@@ -1,11 +1,11 @@
 //! The pure functions as SQL exposes them, and the reconcile entry point.
+use pm_e2e::Value1;
 use pm_e2e::{sqlstate, TestDb};
 use serde_json::json;
 
 #[tokio::test]
 async fn backoff_delay_doubles_with_jitter_and_honours_the_settings() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     let secs = |sql: &'static str| {
         let c = &c;
         async move { c.query_one(sql, &[]).await.unwrap().get::<_, f64>(0) }
@@ -46,9 +46,8 @@ async fn backoff_delay_doubles_with_jitter_and_honours_the_settings() {
         "default jitter spreads 120s by ±25%: {lo}..{hi}"
     );
     // A session's own GUC means nothing now: only meter.set_setting does.
-    c.batch_execute("SET polar_meter.backoff_base = '100 milliseconds'")
-        .await
-        .unwrap();
+    c.run("SET polar_meter.backoff_base = '100 milliseconds'")
+        .await;
     assert_eq!(
         secs("SELECT extract(epoch FROM meter.backoff_delay(1, 0.5))::float8").await,
         60.0
@@ -67,8 +66,7 @@ async fn backoff_delay_doubles_with_jitter_and_honours_the_settings() {
 
 #[tokio::test]
 async fn compute_drift_from_sql() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (_db, c) = TestDb::with_admin().await;
     let d: serde_json::Value = c
         .query_one(
             "SELECT meter.compute_drift($1, $2)",
@@ -92,23 +90,14 @@ async fn compute_drift_from_sql() {
         ),
         "PM063"
     );
-    let empty: serde_json::Value = c
-        .query_one("SELECT meter.compute_drift(NULL, NULL)", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let empty: serde_json::Value = c.value("SELECT meter.compute_drift(NULL, NULL)").await;
     assert_eq!(empty["drift"], 0);
 }
 
 #[tokio::test]
 async fn reconcile_opens_a_lagged_run() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
-    let id: i64 = c
-        .query_one("SELECT meter.reconcile_meter_to_polar()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (_db, c) = TestDb::with_admin().await;
+    let id: i64 = c.value("SELECT meter.reconcile_meter_to_polar()").await;
     let r = c
         .query_one(
             "SELECT status, window_end - window_start, window_end <= now() - interval '6 hours', date_trunc('hour', window_end) = window_end
@@ -120,13 +109,8 @@ async fn reconcile_opens_a_lagged_run() {
     assert_eq!(r.get::<_, String>(0), "requested");
     assert!(r.get::<_, bool>(2) && r.get::<_, bool>(3));
     let explicit: i64 = c
-        .query_one(
-            "SELECT meter.reconcile_meter_to_polar('2026-01-02T00:00:00Z', '1 hour')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT meter.reconcile_meter_to_polar('2026-01-02T00:00:00Z', '1 hour')")
+        .await;
     let w = c
         .query_one(
             "SELECT window_start = '2026-01-01T23:00:00Z' FROM meter.reconcile_run WHERE id = $1",

@@ -1,5 +1,6 @@
 //! pg_cron schedules: installed with the extension where pg_cron is, changed
 //! by a function, and absent (with instructions) where it is not.
+use pm_e2e::Value1;
 use pm_e2e::{connect, pg, sqlstate, TestDb};
 
 async fn jobs(c: &tokio_postgres::Client) -> Vec<(String, String, String)> {
@@ -28,16 +29,16 @@ async fn jobs_exist_in_the_cron_database_and_can_be_rescheduled() {
     assert_eq!(j[1].1, "0 3 * * *");
     // The jobs' commands run without error here.
     for (_, _, cmd) in &j {
-        c.batch_execute(cmd).await.unwrap();
+        c.run(cmd).await;
     }
     // Reschedule in a transaction that is rolled back, so no other test (or
     // a later run) sees the change.
-    c.batch_execute("BEGIN").await.unwrap();
+    c.run("BEGIN").await;
     c.query_one("SELECT meter.set_schedule('drain', '*/2 * * * *')", &[])
         .await
         .unwrap();
     assert_eq!(jobs(&c).await[0].1, "*/2 * * * *");
-    c.batch_execute("ROLLBACK").await.unwrap();
+    c.run("ROLLBACK").await;
     assert_eq!(jobs(&c).await[0].1, "*/5 * * * *");
     assert_eq!(
         sqlstate(
@@ -64,13 +65,8 @@ async fn jobs_exist_in_the_cron_database_and_can_be_rescheduled() {
 
 #[tokio::test]
 async fn without_pg_cron_the_extension_installs_and_explains() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
-    let has_cron: bool = c
-        .query_one("SELECT meter._has_pg_cron()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (_db, c) = TestDb::with_admin().await;
+    let has_cron: bool = c.value("SELECT meter._has_pg_cron()").await;
     assert!(!has_cron);
     assert!(c
         .query("SELECT * FROM meter.install_schedules()", &[])

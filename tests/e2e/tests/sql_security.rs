@@ -2,25 +2,24 @@
 //! shadowing types in pg_temp to run code as the extension's owner,
 //! widening a tunable for itself, truncating billing tables, minting keys
 //! beyond its own rights.
+use pm_e2e::Value1;
 use pm_e2e::{sqlstate, TestDb};
 use tokio_postgres::Client;
 
 async fn login(db: &TestDb, admin: &Client) -> (String, Client) {
     let role = format!("att_{}", uuid::Uuid::new_v4().simple());
     admin
-        .batch_execute(&format!(
+        .run(&format!(
             "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
         ))
-        .await
-        .unwrap();
+        .await;
     let c = db.client_as(&role).await;
     (role, c)
 }
 
 #[tokio::test]
 async fn every_security_definer_function_searches_pg_temp_last() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (_db, c) = TestDb::with_admin().await;
     let rows = c
         .query(
             "SELECT p.oid::regprocedure::text, coalesce(array_to_string(p.proconfig, ' '), '')
@@ -118,16 +117,12 @@ fn calls(key: &str, admin_key: &str) -> Vec<(&'static str, String)> {
 
 #[tokio::test]
 async fn an_execute_only_role_gains_nothing_by_shadowing_types_in_pg_temp() {
-    let db = TestDb::new().await;
-    let admin = db.admin().await;
+    let (db, admin) = TestDb::with_admin().await;
     db.org(&admin, "acme").await;
     db.org(&admin, "globex").await;
     admin
-        .batch_execute(
-            "UPDATE meter.organization SET polar_customer_id = 'cus_acme' WHERE id = 'acme'",
-        )
-        .await
-        .unwrap();
+        .run("UPDATE meter.organization SET polar_customer_id = 'cus_acme' WHERE id = 'acme'")
+        .await;
     let (_, key) = db.key(&admin, "acme", &["fence:meter"]).await;
     let (_, admin_key) = db
         .key(&admin, "acme", &["fence:meter", "keys:manage"])
@@ -191,11 +186,7 @@ async fn an_execute_only_role_gains_nothing_by_shadowing_types_in_pg_temp() {
         "most calls ran through: {succeeded} of {}",
         calls.len()
     );
-    let hits: i64 = att
-        .query_one("SELECT count(*) FROM pg_temp.hits", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let hits: i64 = att.value("SELECT count(*) FROM pg_temp.hits").await;
     assert_eq!(
         hits, 0,
         "no shadowed type was ever used by the extension's code"
@@ -229,16 +220,14 @@ async fn table_digest(c: &Client) -> String {
 
 #[tokio::test]
 async fn the_sidecar_role_cannot_widen_any_tunable() {
-    let db = TestDb::new().await;
-    let admin = db.admin().await;
+    let (db, admin) = TestDb::with_admin().await;
     db.org(&admin, "acme").await;
     let (_, key) = db.key(&admin, "acme", &["fence:meter"]).await;
     let (role, att) = login(&db, &admin).await;
     let future = (chrono::Utc::now() + chrono::Duration::days(3650)).to_rfc3339();
     // The 0.2 way, in the session: a placeholder GUC nobody reads any more.
-    att.batch_execute("SET polar_meter.max_future_skew = '100 years'")
-        .await
-        .unwrap();
+    att.run("SET polar_meter.max_future_skew = '100 years'")
+        .await;
     assert_eq!(record_future(&att, &key, "f1", &future).await, "PM012");
     // Every other way in: the function, the table, the role's defaults.
     for name in polar_meter_settings(&admin).await {
@@ -262,11 +251,7 @@ async fn the_sidecar_role_cannot_widen_any_tunable() {
         .await;
     let again = db.client_as(&role).await;
     assert_eq!(record_future(&again, &key, "f2", &future).await, "PM012");
-    let n: i64 = admin
-        .query_one("SELECT count(*) FROM meter.meter_event", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = admin.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 0, "nothing from the future was billed");
     // An admin can, within the bounds.
     assert_eq!(
@@ -292,12 +277,7 @@ async fn the_sidecar_role_cannot_widen_any_tunable() {
 }
 
 async fn polar_meter_settings(c: &Client) -> Vec<String> {
-    c.query("SELECT name FROM meter.settings()", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    c.column("SELECT name FROM meter.settings()").await
 }
 
 async fn record_future(c: &Client, key: &str, idem: &str, ts: &str) -> String {
@@ -312,24 +292,13 @@ async fn record_future(c: &Client, key: &str, idem: &str, ts: &str) -> String {
 
 #[tokio::test]
 async fn no_table_can_be_truncated_and_billing_rows_are_never_deleted() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     db.key(&c, "acme", &["fence:meter"]).await;
-    c.batch_execute("SELECT meter.record_event_for_org('acme', 'k', 'e', now()); SELECT meter._alert('test', 'acme', '{}')")
-        .await
-        .unwrap();
+    c.run("SELECT meter.record_event_for_org('acme', 'k', 'e', now()); SELECT meter._alert('test', 'acme', '{}')").await;
     let tables: Vec<String> = c
-        .query(
-            "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = 'meter' AND c.relkind = 'r' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .column("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'meter' AND c.relkind = 'r' ORDER BY 1").await;
     assert!(tables.len() >= 15, "{tables:?}");
     for t in &tables {
         assert_eq!(
@@ -354,8 +323,7 @@ async fn no_table_can_be_truncated_and_billing_rows_are_never_deleted() {
 
 #[tokio::test]
 async fn permissions_hold_no_null_and_a_missing_permission_fails_closed() {
-    let db = TestDb::new().await;
-    let c = db.admin().await;
+    let (db, c) = TestDb::with_admin().await;
     db.org(&c, "acme").await;
     let (id, key) = db.key(&c, "acme", &["fence:meter"]).await;
     assert_eq!(

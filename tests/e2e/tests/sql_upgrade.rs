@@ -4,6 +4,7 @@
 //! from a fresh install, and keep every record working; a database still on
 //! the previous release's catalog must also keep working on this library
 //! until it is upgraded (extension/src/compat.rs).
+use pm_e2e::Value1;
 use pm_e2e::{connect, sqlstate};
 use std::collections::BTreeSet;
 use tokio_postgres::Client;
@@ -17,15 +18,14 @@ async fn database_with(version: Option<&str>) -> (String, Client) {
     let name = format!("up_{}", uuid::Uuid::new_v4().simple());
     connect("postgres", "postgres")
         .await
-        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE template0"))
-        .await
-        .unwrap();
+        .run(&format!("CREATE DATABASE {name} TEMPLATE template0"))
+        .await;
     let c = connect(&name, "postgres").await;
     let create = match version {
         Some(v) => format!("CREATE EXTENSION polar_meter VERSION '{v}'"),
         None => "CREATE EXTENSION polar_meter".into(),
     };
-    c.batch_execute(&create).await.unwrap();
+    c.run(&create).await;
     (name, c)
 }
 
@@ -88,15 +88,8 @@ async fn every_release_upgrades_to_exactly_a_fresh_install() {
     for release in RELEASES {
         let (_, upgraded) = database_with(Some(release)).await;
         let before = catalog(&upgraded).await;
-        upgraded
-            .batch_execute("ALTER EXTENSION polar_meter UPDATE")
-            .await
-            .unwrap();
-        let version: String = upgraded
-            .query_one("SELECT meter.extension_version()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        upgraded.run("ALTER EXTENSION polar_meter UPDATE").await;
+        let version: String = upgraded.value("SELECT meter.extension_version()").await;
         assert_eq!(version, env!("CARGO_PKG_VERSION"));
         let got = catalog(&upgraded).await;
         assert_ne!(
@@ -115,17 +108,11 @@ async fn every_release_upgrades_to_exactly_a_fresh_install() {
 #[tokio::test]
 async fn records_made_before_the_upgrade_keep_working_after_it() {
     let (name, c) = database_with(Some(PREVIOUS)).await;
-    c.batch_execute("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
-        .await
-        .unwrap();
+    c.run("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
+        .await;
     let key: String = c
-        .query_one(
-            "SELECT key FROM meter.create_api_key('acme', 'fence', '{fence:meter}')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT key FROM meter.create_api_key('acme', 'fence', '{fence:meter}')")
+        .await;
     let first: uuid::Uuid = c
         .query_one(
             "SELECT event_id FROM meter.record_event($1, 'k1', 'api.request', now(), '{\"n\": 1}')",
@@ -136,33 +123,23 @@ async fn records_made_before_the_upgrade_keep_working_after_it() {
         .get(0);
     // One row sealed into the old global chain, one still unsealed at the
     // upgrade; a tunable set the old way, for this database.
-    c.batch_execute("SELECT meter.seal_audit_log()")
-        .await
-        .unwrap();
+    c.run("SELECT meter.seal_audit_log()").await;
     c.query_one(
         "SELECT event_id FROM meter.record_event($1, 'k0', 'api.request', now(), '{}')",
         &[&key],
     )
     .await
     .unwrap();
-    c.batch_execute(&format!(
+    c.run(&format!(
         "ALTER DATABASE {name} SET polar_meter.max_future_skew = '10 seconds'"
     ))
-    .await
-    .unwrap();
+    .await;
     drop(c);
     let c = connect(&name, "postgres").await;
-    c.batch_execute("ALTER EXTENSION polar_meter UPDATE")
-        .await
-        .unwrap();
+    c.run("ALTER EXTENSION polar_meter UPDATE").await;
     let skew: String = c
-        .query_one(
-            "SELECT value FROM meter.settings() WHERE name = 'max_future_skew'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT value FROM meter.settings() WHERE name = 'max_future_skew'")
+        .await;
     assert_eq!(
         skew, "10 seconds",
         "the old GUC moved into meter.setting_value"
@@ -190,13 +167,7 @@ async fn records_made_before_the_upgrade_keep_working_after_it() {
         .await;
     assert_eq!(sqlstate(mismatch), "PM020");
     let rotated: String = c
-        .query_one(
-            "SELECT r.key FROM meter.api_key k, meter.rotate_api_key(k.id) r WHERE k.name = 'fence'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT r.key FROM meter.api_key k, meter.rotate_api_key(k.id) r WHERE k.name = 'fence'").await;
     let second: String = c
         .query_one(
             "SELECT status FROM meter.record_event($1, 'k2', 'api.request', now(), '{}')",
@@ -206,9 +177,7 @@ async fn records_made_before_the_upgrade_keep_working_after_it() {
         .unwrap()
         .get(0);
     assert_eq!(second, "recorded");
-    c.batch_execute("SELECT meter.seal_audit_log()")
-        .await
-        .unwrap();
+    c.run("SELECT meter.seal_audit_log()").await;
     let broken = c
         .query_one("SELECT problem FROM meter.verify_audit_chain()", &[])
         .await
@@ -243,10 +212,8 @@ async fn records_made_before_the_upgrade_keep_working_after_it() {
     .await
     .unwrap();
     let broken: Option<String> = c
-        .query_one("SELECT problem FROM meter.verify_audit_chain()", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT problem FROM meter.verify_audit_chain()")
+        .await;
     assert!(
         broken.is_some_and(|p| p.contains("altered")),
         "tampering in the legacy segment is found"

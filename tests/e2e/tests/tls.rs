@@ -3,6 +3,7 @@
 //! HTTPS to its clients (its own certificate, reloaded on SIGHUP), and the
 //! refusal to serve API keys over plain HTTP on a network address.
 use pm_e2e::certs::{scratch_dir, write, Ca};
+use pm_e2e::Value1;
 use pm_e2e::{eventually, idem, now_rfc3339, Sidecar, TestDb, TlsCluster};
 use serde_json::json;
 
@@ -11,36 +12,19 @@ async fn tls_database(names: &[&str]) -> (Ca, TlsCluster, String, String, std::p
     let ca = Ca::new("polar-meter test CA");
     let cluster = TlsCluster::start(&ca.leaf(names)).await;
     let db = cluster.socket("meter_tls").await;
-    db.batch_execute("SELECT meter.upsert_organization('acme', 'Acme', 'billing@acme.example')")
-        .await
-        .unwrap();
+    db.run("SELECT meter.upsert_organization('acme', 'Acme', 'billing@acme.example')")
+        .await;
     let key: String = db
-        .query_one("SELECT key FROM meter.create_api_key('acme', 'k')", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .value("SELECT key FROM meter.create_api_key('acme', 'k')")
+        .await;
     let role = format!("meterd_{}", uuid::Uuid::new_v4().simple());
-    db.batch_execute(&format!(
+    db.run(&format!(
         "CREATE ROLE {role} LOGIN IN ROLE polar_meter_sidecar"
     ))
-    .await
-    .unwrap();
+    .await;
     let dir = scratch_dir("tls-ca");
     let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
     (ca, cluster, role, key, ca_file)
-}
-
-async fn record(side: &Sidecar, key: &str) -> u16 {
-    pm_e2e::http()
-        .post(side.url("/api/v1/meter"))
-        .bearer_auth(key)
-        .header("Idempotency-Key", idem())
-        .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
 }
 
 #[tokio::test]
@@ -52,7 +36,7 @@ async fn verify_full_reaches_a_database_that_requires_tls_on_every_connection() 
         ca_file.display()
     );
     let side = Sidecar::start_url(&url, &[]).await;
-    assert_eq!(record(&side, &key).await, 202);
+    assert_eq!(side.record(&key).await, 202);
     // The pools and the LISTEN session all came in over TLS.
     let db = cluster.socket("meter_tls").await;
     let (all, tls): (i64, i64) = eventually(30, "the LISTEN session connected", || async {
@@ -84,7 +68,7 @@ async fn verify_full_reaches_a_database_that_requires_tls_on_every_connection() 
         ca_file.display()
     );
     let side = Sidecar::start_url(&kv, &[]).await;
-    assert_eq!(record(&side, &key).await, 202);
+    assert_eq!(side.record(&key).await, 202);
 }
 
 #[tokio::test]
@@ -99,7 +83,7 @@ async fn verify_full_refuses_a_certificate_for_another_host_and_verify_ca_does_n
     };
     let wrong_name = Sidecar::start_url(&url("verify-full"), &[]).await;
     assert_eq!(
-        record(&wrong_name, &key).await,
+        wrong_name.record(&key).await,
         503,
         "the certificate names db.internal, not 127.0.0.1"
     );
@@ -115,7 +99,7 @@ async fn verify_full_refuses_a_certificate_for_another_host_and_verify_ca_does_n
     assert_eq!(ready.status(), 503);
     let ca_only = Sidecar::start_url(&url("verify-ca"), &[]).await;
     assert_eq!(
-        record(&ca_only, &key).await,
+        ca_only.record(&key).await,
         202,
         "verify-ca checks the chain, not the name"
     );
@@ -128,7 +112,7 @@ async fn verify_full_refuses_a_certificate_for_another_host_and_verify_ca_does_n
         other_ca.display()
     );
     assert_eq!(
-        record(&Sidecar::start_url(&foreign, &[]).await, &key).await,
+        Sidecar::start_url(&foreign, &[]).await.record(&key).await,
         503
     );
 }
@@ -143,15 +127,24 @@ async fn require_encrypts_without_verifying_and_disable_is_turned_away() {
         )
     };
     assert_eq!(
-        record(&Sidecar::start_url(&url("require"), &[]).await, &key).await,
+        Sidecar::start_url(&url("require"), &[])
+            .await
+            .record(&key)
+            .await,
         202
     );
     assert_eq!(
-        record(&Sidecar::start_url(&url("prefer"), &[]).await, &key).await,
+        Sidecar::start_url(&url("prefer"), &[])
+            .await
+            .record(&key)
+            .await,
         202
     );
     assert_eq!(
-        record(&Sidecar::start_url(&url("disable"), &[]).await, &key).await,
+        Sidecar::start_url(&url("disable"), &[])
+            .await
+            .record(&key)
+            .await,
         503,
         "the server accepts TLS only"
     );
@@ -191,10 +184,7 @@ fn der(pem: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn https_is_served_with_its_own_certificate_and_reloaded_on_sighup() {
-    let db = TestDb::new().await;
-    let pg = db.admin().await;
-    db.org(&pg, "acme").await;
-    let (_, key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let (db, _pg, key) = TestDb::acme().await;
     let ca = Ca::new("polar-meter test CA");
     let first = ca.leaf(&["localhost"]);
     let dir = scratch_dir("https");

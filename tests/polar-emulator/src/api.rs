@@ -43,26 +43,28 @@ fn not_found() -> Resp {
 }
 
 fn unauthorized() -> Resp {
-    let mut r = json_resp(
-        StatusCode::UNAUTHORIZED,
-        &json!({"error": "Unauthorized", "detail": "Unauthorized"}),
-    );
-    r.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"polar\""),
-    );
-    r
+    with_www_authenticate(
+        json_resp(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error": "Unauthorized", "detail": "Unauthorized"}),
+        ),
+        "Bearer realm=\"polar\"",
+    )
 }
 
 fn invalid_token() -> Resp {
-    let mut r = json_resp(
-        StatusCode::UNAUTHORIZED,
-        &json!({"error": "invalid_token", "error_description": "The access token provided is expired, revoked, malformed, or invalid for other reasons."}),
-    );
-    r.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer realm=\"polar\", error=\"invalid_token\""),
-    );
+    with_www_authenticate(
+        json_resp(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error": "invalid_token", "error_description": "The access token provided is expired, revoked, malformed, or invalid for other reasons."}),
+        ),
+        "Bearer realm=\"polar\", error=\"invalid_token\"",
+    )
+}
+
+fn with_www_authenticate(mut r: Resp, value: impl AsRef<str>) -> Resp {
+    let v = HeaderValue::from_str(value.as_ref()).expect("an ASCII header");
+    r.headers_mut().insert(WWW_AUTHENTICATE, v);
     r
 }
 
@@ -81,18 +83,13 @@ fn scopes_needed(method: &Method, path: &str) -> Option<&'static [&'static str]>
 }
 
 fn insufficient_scope(scope: &str) -> Resp {
-    let mut r = json_resp(
-        StatusCode::FORBIDDEN,
-        &json!({"error": "insufficient_scope", "error_description": "The request requires higher privileges than provided by the access token."}),
-    );
-    r.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        HeaderValue::from_str(&format!(
-            "Bearer realm=\"polar\", error=\"insufficient_scope\", scope=\"{scope}\""
-        ))
-        .unwrap(),
-    );
-    r
+    with_www_authenticate(
+        json_resp(
+            StatusCode::FORBIDDEN,
+            &json!({"error": "insufficient_scope", "error_description": "The request requires higher privileges than provided by the access token."}),
+        ),
+        format!("Bearer realm=\"polar\", error=\"insufficient_scope\", scope=\"{scope}\""),
+    )
 }
 
 fn validation(kind: &str, detail: Vec<Value>) -> Resp {

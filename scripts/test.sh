@@ -92,6 +92,8 @@ mkdir -p target/isolation
     cat target/isolation/regression.diffs 2>/dev/null
     exit 1
 }
+step "isolation specs fail when what they prove is broken (one mutant function each)"
+extension/tests/isolation/mutations.sh "$PM_PG_PORT" pm_template
 
 step "end-to-end suites"
 cargo build -p polar-meterd -p polar-emulator

@@ -153,6 +153,19 @@ CREATE TABLE meter.reconcile_count (
     pages_done      int NOT NULL DEFAULT 0,
     PRIMARY KEY (organization_id, run_id, event_name)
 );
+-- Every event a run found missing at Polar or unexpected there, kept with
+-- the run (its result names only the first 100 of each).
+CREATE TABLE meter.reconcile_finding (
+    organization_id text NOT NULL,
+    run_id          bigint NOT NULL,
+    kind            text NOT NULL CHECK (kind IN ('missing_at_polar', 'unexpected_at_polar')),
+    event_id        text NOT NULL,           -- our event id (missing), Polar's (unexpected)
+    event_name      text NOT NULL,
+    event_timestamp timestamptz NOT NULL,
+    PRIMARY KEY (organization_id, run_id, kind, event_id)
+);
+COMMENT ON TABLE meter.reconcile_finding IS
+  'Every event a reconcile run found missing at Polar (event_id is ours: resend with meter.resend_events) or unexpected there (event_id is Polar''s).';
 CREATE TABLE meter.reconcile_dirty (
     organization_id text NOT NULL,
     day             date NOT NULL,
@@ -175,6 +188,7 @@ SELECT pg_catalog.pg_extension_config_dump('meter.alert_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_count', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_dirty', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.polar_budget', '');
+SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_finding', '');
 
 CREATE TYPE meter.batch_recording AS (idx int, status text, event_id uuid, sqlstate text, message text);
 COMMENT ON TYPE meter.batch_recording IS
@@ -253,6 +267,8 @@ CREATE TRIGGER reconcile_remote_no_truncate BEFORE TRUNCATE ON meter.reconcile_r
 CREATE TRIGGER reconcile_dirty_no_truncate BEFORE TRUNCATE ON meter.reconcile_dirty
     FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();
 CREATE TRIGGER polar_budget_no_truncate BEFORE TRUNCATE ON meter.polar_budget
+    FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();
+CREATE TRIGGER reconcile_finding_no_truncate BEFORE TRUNCATE ON meter.reconcile_finding
     FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();
 
 -- Part 2 (generated): every function, COMMENT and grant of 0.3.0.
@@ -2529,44 +2545,45 @@ AS $$
 DECLARE
     v_all boolean := r.mode = 'full';
     v_missing bigint;
-    v_missing_ids jsonb;
     v_unexpected bigint;
-    v_unexpected_ids jsonb;
 BEGIN
     -- Sent here, within what was listed, but absent there.
-    SELECT count(*) INTO v_missing FROM meter.meter_event e
+    INSERT INTO meter.reconcile_finding (organization_id, run_id, kind, event_id, event_name, event_timestamp)
+    SELECT e.organization_id, r.id, 'missing_at_polar', e.id::text, e.event_name, e.event_timestamp
+    FROM meter.meter_event e
     LEFT JOIN meter.reconcile_count c ON c.organization_id = e.organization_id AND c.run_id = r.id AND c.event_name = e.event_name
     LEFT JOIN meter.reconcile_remote m ON m.organization_id = e.organization_id AND m.run_id = r.id AND m.meter_event_id = e.id
     WHERE e.event_timestamp >= r.window_start AND e.event_timestamp < r.window_end AND e.polar_status = 'sent'
       AND (v_all OR c.listed) AND m.polar_event_id IS NULL;
-    SELECT coalesce(jsonb_agg(x.id ORDER BY x.ts, x.id), '[]') INTO v_missing_ids FROM (
-        SELECT e.id, e.event_timestamp AS ts FROM meter.meter_event e
-        LEFT JOIN meter.reconcile_count c ON c.organization_id = e.organization_id AND c.run_id = r.id AND c.event_name = e.event_name
-        LEFT JOIN meter.reconcile_remote m ON m.organization_id = e.organization_id AND m.run_id = r.id AND m.meter_event_id = e.id
-        WHERE e.event_timestamp >= r.window_start AND e.event_timestamp < r.window_end AND e.polar_status = 'sent'
-          AND (v_all OR c.listed) AND m.polar_event_id IS NULL
-        ORDER BY e.event_timestamp, e.id LIMIT 100) x;
+    GET DIAGNOSTICS v_missing = ROW_COUNT;
     -- There, but never ours (usage someone else sent under our org's id).
-    SELECT count(*) INTO v_unexpected FROM meter.reconcile_remote m
+    INSERT INTO meter.reconcile_finding (organization_id, run_id, kind, event_id, event_name, event_timestamp)
+    SELECT m.organization_id, r.id, 'unexpected_at_polar', m.polar_event_id, m.event_name, m.event_timestamp
+    FROM meter.reconcile_remote m
     LEFT JOIN meter.meter_event e ON e.organization_id = m.organization_id AND e.id = m.meter_event_id
     WHERE m.run_id = r.id AND e.id IS NULL;
-    SELECT coalesce(jsonb_agg(x.id ORDER BY x.ts, x.id), '[]') INTO v_unexpected_ids FROM (
-        SELECT m.polar_event_id AS id, m.event_timestamp AS ts FROM meter.reconcile_remote m
-        LEFT JOIN meter.meter_event e ON e.organization_id = m.organization_id AND e.id = m.meter_event_id
-        WHERE m.run_id = r.id AND e.id IS NULL
-        ORDER BY m.event_timestamp, m.polar_event_id LIMIT 100) x;
+    GET DIAGNOSTICS v_unexpected = ROW_COUNT;
     -- Matched events learn their Polar id.
     UPDATE meter.meter_event e SET polar_event_id = m.polar_event_id
     FROM meter.reconcile_remote m
     WHERE m.run_id = r.id AND e.organization_id = m.organization_id AND e.id = m.meter_event_id
       AND e.polar_event_id IS DISTINCT FROM m.polar_event_id;
+    -- The result names the first 100 of each; meter.reconcile_finding keeps them all.
     RETURN jsonb_build_object(
-        'missing_at_polar', jsonb_build_object('count', v_missing, 'event_ids', v_missing_ids),
-        'unexpected_at_polar', jsonb_build_object('count', v_unexpected, 'polar_event_ids', v_unexpected_ids));
+        'missing_at_polar', jsonb_build_object('count', v_missing, 'event_ids', (
+            SELECT coalesce(jsonb_agg(f.event_id::uuid ORDER BY f.event_timestamp, f.event_id), '[]') FROM (
+                SELECT f.event_id, f.event_timestamp FROM meter.reconcile_finding f
+                WHERE f.run_id = r.id AND f.kind = 'missing_at_polar'
+                ORDER BY f.event_timestamp, f.event_id LIMIT 100) f)),
+        'unexpected_at_polar', jsonb_build_object('count', v_unexpected, 'polar_event_ids', (
+            SELECT coalesce(jsonb_agg(f.event_id ORDER BY f.event_timestamp, f.event_id), '[]') FROM (
+                SELECT f.event_id, f.event_timestamp FROM meter.reconcile_finding f
+                WHERE f.run_id = r.id AND f.kind = 'unexpected_at_polar'
+                ORDER BY f.event_timestamp, f.event_id LIMIT 100) f)));
 END
 $$;
 COMMENT ON FUNCTION meter._reconcile_events(meter.reconcile_run) IS
-  'Internal: event by event, within what was listed: events sent here that Polar lacks, events at Polar we never recorded (the first 100 of each by time), and polar_event_id filled on matched events.';
+  'Internal: event by event, within what was listed: events sent here that Polar lacks and events at Polar we never recorded, every one into meter.reconcile_finding (the result names the first 100 of each by time), and polar_event_id filled on matched events.';
 
 CREATE OR REPLACE FUNCTION meter.reconcile_finish(run_id bigint) RETURNS jsonb
 LANGUAGE plpgsql

@@ -234,6 +234,20 @@ CREATE TABLE meter.reconcile_remote (
 );
 CREATE INDEX reconcile_remote_event ON meter.reconcile_remote (organization_id, run_id, meter_event_id);
 
+-- Every event a run found missing at Polar or unexpected there, kept with
+-- the run (its result names only the first 100 of each).
+CREATE TABLE meter.reconcile_finding (
+    organization_id text NOT NULL,
+    run_id          bigint NOT NULL,
+    kind            text NOT NULL CHECK (kind IN ('missing_at_polar', 'unexpected_at_polar')),
+    event_id        text NOT NULL,           -- our event id (missing), Polar's (unexpected)
+    event_name      text NOT NULL,
+    event_timestamp timestamptz NOT NULL,
+    PRIMARY KEY (organization_id, run_id, kind, event_id)
+);
+COMMENT ON TABLE meter.reconcile_finding IS
+  'Every event a reconcile run found missing at Polar (event_id is ours: resend with meter.resend_events) or unexpected there (event_id is Polar''s).';
+
 -- Days that gained sent events after they might have been reconciled: the
 -- daily job re-opens the windows that cover them (reconcile.sql).
 CREATE TABLE meter.reconcile_dirty (
@@ -346,6 +360,8 @@ CREATE TRIGGER reconcile_dirty_no_truncate BEFORE TRUNCATE ON meter.reconcile_di
     FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();
 CREATE TRIGGER polar_budget_no_truncate BEFORE TRUNCATE ON meter.polar_budget
     FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();
+CREATE TRIGGER reconcile_finding_no_truncate BEFORE TRUNCATE ON meter.reconcile_finding
+    FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();
 
 -- Without this pg_dump leaves extension-owned rows out: lost billing records.
 SELECT pg_catalog.pg_extension_config_dump('meter.setting_value', '');
@@ -366,3 +382,4 @@ SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_count', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_remote', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_dirty', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.polar_budget', '');
+SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_finding', '');

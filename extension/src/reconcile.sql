@@ -365,44 +365,45 @@ AS $$
 DECLARE
     v_all boolean := r.mode = 'full';
     v_missing bigint;
-    v_missing_ids jsonb;
     v_unexpected bigint;
-    v_unexpected_ids jsonb;
 BEGIN
     -- Sent here, within what was listed, but absent there.
-    SELECT count(*) INTO v_missing FROM meter.meter_event e
+    INSERT INTO meter.reconcile_finding (organization_id, run_id, kind, event_id, event_name, event_timestamp)
+    SELECT e.organization_id, r.id, 'missing_at_polar', e.id::text, e.event_name, e.event_timestamp
+    FROM meter.meter_event e
     LEFT JOIN meter.reconcile_count c ON c.organization_id = e.organization_id AND c.run_id = r.id AND c.event_name = e.event_name
     LEFT JOIN meter.reconcile_remote m ON m.organization_id = e.organization_id AND m.run_id = r.id AND m.meter_event_id = e.id
     WHERE e.event_timestamp >= r.window_start AND e.event_timestamp < r.window_end AND e.polar_status = 'sent'
       AND (v_all OR c.listed) AND m.polar_event_id IS NULL;
-    SELECT coalesce(jsonb_agg(x.id ORDER BY x.ts, x.id), '[]') INTO v_missing_ids FROM (
-        SELECT e.id, e.event_timestamp AS ts FROM meter.meter_event e
-        LEFT JOIN meter.reconcile_count c ON c.organization_id = e.organization_id AND c.run_id = r.id AND c.event_name = e.event_name
-        LEFT JOIN meter.reconcile_remote m ON m.organization_id = e.organization_id AND m.run_id = r.id AND m.meter_event_id = e.id
-        WHERE e.event_timestamp >= r.window_start AND e.event_timestamp < r.window_end AND e.polar_status = 'sent'
-          AND (v_all OR c.listed) AND m.polar_event_id IS NULL
-        ORDER BY e.event_timestamp, e.id LIMIT 100) x;
+    GET DIAGNOSTICS v_missing = ROW_COUNT;
     -- There, but never ours (usage someone else sent under our org's id).
-    SELECT count(*) INTO v_unexpected FROM meter.reconcile_remote m
+    INSERT INTO meter.reconcile_finding (organization_id, run_id, kind, event_id, event_name, event_timestamp)
+    SELECT m.organization_id, r.id, 'unexpected_at_polar', m.polar_event_id, m.event_name, m.event_timestamp
+    FROM meter.reconcile_remote m
     LEFT JOIN meter.meter_event e ON e.organization_id = m.organization_id AND e.id = m.meter_event_id
     WHERE m.run_id = r.id AND e.id IS NULL;
-    SELECT coalesce(jsonb_agg(x.id ORDER BY x.ts, x.id), '[]') INTO v_unexpected_ids FROM (
-        SELECT m.polar_event_id AS id, m.event_timestamp AS ts FROM meter.reconcile_remote m
-        LEFT JOIN meter.meter_event e ON e.organization_id = m.organization_id AND e.id = m.meter_event_id
-        WHERE m.run_id = r.id AND e.id IS NULL
-        ORDER BY m.event_timestamp, m.polar_event_id LIMIT 100) x;
+    GET DIAGNOSTICS v_unexpected = ROW_COUNT;
     -- Matched events learn their Polar id.
     UPDATE meter.meter_event e SET polar_event_id = m.polar_event_id
     FROM meter.reconcile_remote m
     WHERE m.run_id = r.id AND e.organization_id = m.organization_id AND e.id = m.meter_event_id
       AND e.polar_event_id IS DISTINCT FROM m.polar_event_id;
+    -- The result names the first 100 of each; meter.reconcile_finding keeps them all.
     RETURN jsonb_build_object(
-        'missing_at_polar', jsonb_build_object('count', v_missing, 'event_ids', v_missing_ids),
-        'unexpected_at_polar', jsonb_build_object('count', v_unexpected, 'polar_event_ids', v_unexpected_ids));
+        'missing_at_polar', jsonb_build_object('count', v_missing, 'event_ids', (
+            SELECT coalesce(jsonb_agg(f.event_id::uuid ORDER BY f.event_timestamp, f.event_id), '[]') FROM (
+                SELECT f.event_id, f.event_timestamp FROM meter.reconcile_finding f
+                WHERE f.run_id = r.id AND f.kind = 'missing_at_polar'
+                ORDER BY f.event_timestamp, f.event_id LIMIT 100) f)),
+        'unexpected_at_polar', jsonb_build_object('count', v_unexpected, 'polar_event_ids', (
+            SELECT coalesce(jsonb_agg(f.event_id ORDER BY f.event_timestamp, f.event_id), '[]') FROM (
+                SELECT f.event_id, f.event_timestamp FROM meter.reconcile_finding f
+                WHERE f.run_id = r.id AND f.kind = 'unexpected_at_polar'
+                ORDER BY f.event_timestamp, f.event_id LIMIT 100) f)));
 END
 $$;
 COMMENT ON FUNCTION meter._reconcile_events(meter.reconcile_run) IS
-  'Internal: event by event, within what was listed: events sent here that Polar lacks, events at Polar we never recorded (the first 100 of each by time), and polar_event_id filled on matched events.';
+  'Internal: event by event, within what was listed: events sent here that Polar lacks and events at Polar we never recorded, every one into meter.reconcile_finding (the result names the first 100 of each by time), and polar_event_id filled on matched events.';
 
 CREATE FUNCTION meter.reconcile_finish(run_id bigint) RETURNS jsonb
 LANGUAGE plpgsql

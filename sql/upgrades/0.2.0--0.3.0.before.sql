@@ -149,6 +149,19 @@ CREATE TABLE meter.reconcile_count (
     pages_done      int NOT NULL DEFAULT 0,
     PRIMARY KEY (organization_id, run_id, event_name)
 );
+-- Every event a run found missing at Polar or unexpected there, kept with
+-- the run (its result names only the first 100 of each).
+CREATE TABLE meter.reconcile_finding (
+    organization_id text NOT NULL,
+    run_id          bigint NOT NULL,
+    kind            text NOT NULL CHECK (kind IN ('missing_at_polar', 'unexpected_at_polar')),
+    event_id        text NOT NULL,           -- our event id (missing), Polar's (unexpected)
+    event_name      text NOT NULL,
+    event_timestamp timestamptz NOT NULL,
+    PRIMARY KEY (organization_id, run_id, kind, event_id)
+);
+COMMENT ON TABLE meter.reconcile_finding IS
+  'Every event a reconcile run found missing at Polar (event_id is ours: resend with meter.resend_events) or unexpected there (event_id is Polar''s).';
 CREATE TABLE meter.reconcile_dirty (
     organization_id text NOT NULL,
     day             date NOT NULL,
@@ -171,6 +184,7 @@ SELECT pg_catalog.pg_extension_config_dump('meter.alert_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_count', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_dirty', '');
 SELECT pg_catalog.pg_extension_config_dump('meter.polar_budget', '');
+SELECT pg_catalog.pg_extension_config_dump('meter.reconcile_finding', '');
 
 CREATE TYPE meter.batch_recording AS (idx int, status text, event_id uuid, sqlstate text, message text);
 COMMENT ON TYPE meter.batch_recording IS
@@ -249,4 +263,6 @@ CREATE TRIGGER reconcile_remote_no_truncate BEFORE TRUNCATE ON meter.reconcile_r
 CREATE TRIGGER reconcile_dirty_no_truncate BEFORE TRUNCATE ON meter.reconcile_dirty
     FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();
 CREATE TRIGGER polar_budget_no_truncate BEFORE TRUNCATE ON meter.polar_budget
+    FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();
+CREATE TRIGGER reconcile_finding_no_truncate BEFORE TRUNCATE ON meter.reconcile_finding
     FOR EACH STATEMENT EXECUTE FUNCTION meter._refuse_truncate();

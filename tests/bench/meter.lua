@@ -1,8 +1,10 @@
 -- wrk script: POST /api/v1/meter with a unique Idempotency-Key per request.
--- PM_KEY, PM_BODY and PM_RUN come from tests/bench/ingest.sh.
+-- PM_KEY, PM_BODY, PM_RUN (and PM_DELAY_MS, a pause before each request that
+-- turns wrk's closed loop into a paced one) come from tests/bench/*.sh.
 local key = os.getenv("PM_KEY")
 local body = os.getenv("PM_BODY")
 local run = os.getenv("PM_RUN")
+local pause = tonumber(os.getenv("PM_DELAY_MS") or "0")
 local threads = 0
 local counter = 0
 
@@ -19,4 +21,10 @@ function request()
         ["Idempotency-Key"] = run .. "-" .. tid .. "-" .. counter,
     }
     return wrk.format("POST", "/api/v1/meter", headers, body)
+end
+
+if pause > 0 then
+    function delay()
+        return pause
+    end
 end

@@ -35,7 +35,6 @@ async fn delivered_day(n: usize) -> Day {
     }
 }
 
-/// Opens a run over the last hour and waits for the sidecar to finish it.
 /// Opens a run over the last hour (`mode` None: the default choice) and waits for its end.
 async fn reconcile(d: &Day, mode: Option<&str>) -> (i64, Value) {
     let id: i64 =
@@ -455,4 +454,39 @@ async fn an_event_given_up_on_that_polar_holds_is_healed_to_sent() {
         .await;
     assert_eq!(with_ids, 5);
     assert_eq!(audit_count(&pg, "event.healed").await, 5);
+}
+
+#[tokio::test]
+async fn every_missing_event_is_a_finding_beyond_the_hundred_the_result_names() {
+    let d = delivered_day(2_500).await;
+    let deleted = delete_acme_events(&d.emu, 150).await;
+    let (id, r) = reconcile(&d, Some("full")).await;
+    assert_eq!(r["missing_at_polar"]["count"], 150);
+    assert_eq!(
+        r["missing_at_polar"]["event_ids"].as_array().unwrap().len(),
+        100
+    );
+    let found: BTreeSet<String> = d
+        .pg
+        .query(
+            "SELECT event_id FROM meter.reconcile_finding WHERE run_id = $1 AND kind = 'missing_at_polar'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(found, deleted, "every missing event, by id");
+    // From there they can be sent again in one statement.
+    let resent: i64 =
+        d.pg.query_one(
+            "SELECT meter.resend_events(array_agg(event_id::uuid)) FROM meter.reconcile_finding
+             WHERE run_id = $1 AND kind = 'missing_at_polar'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(resent, 150);
 }

@@ -724,7 +724,9 @@ async fn admin(store: &Shared, req: Request<Incoming>, path: &str) -> Outcome {
             let s = store.lock().unwrap();
             json_resp(
                 StatusCode::OK,
-                &json!({"requests": s.stats, "faults": s.faults, "unacknowledged_inserts": s.unacknowledged_inserts}),
+                &json!({"requests": s.stats, "faults": s.faults, "unacknowledged_inserts": s.unacknowledged_inserts,
+                        "events": s.orgs.values().map(|o| o.events.len()).sum::<usize>(),
+                        "ingest_requests": s.ingest_requests, "duplicates": s.duplicates_seen}),
             )
         }
         (&Method::POST, "/__admin/faults") => {
@@ -767,6 +769,43 @@ async fn admin(store: &Shared, req: Request<Incoming>, path: &str) -> Outcome {
             let out = customer_json(&c);
             s.orgs.entry(org).or_default().customers.push(c);
             json_resp(StatusCode::CREATED, &out)
+        }
+        (&Method::DELETE, "/__admin/events") => {
+            // ?every=N forgets every Nth event of each organization (a day
+            // with gaps, for reconciliation at scale), naming what it forgot.
+            let every = query_pairs(req.uri().query().unwrap_or(""))
+                .into_iter()
+                .find(|(k, _)| k == "every")
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .filter(|n| *n > 0);
+            let Some(every) = every else {
+                return Outcome::Respond(json_resp(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": "every must be a positive integer"}),
+                ));
+            };
+            let mut s = store.lock().unwrap();
+            let mut forgotten: Vec<Value> = Vec::new();
+            for o in s.orgs.values_mut() {
+                let mut i = 0;
+                o.events.retain(|e| {
+                    i += 1;
+                    let keep = i % every != 0;
+                    if !keep {
+                        forgotten.push(
+                            e.metadata
+                                .get("meter_event_id")
+                                .cloned()
+                                .unwrap_or(Value::Null),
+                        );
+                    }
+                    keep
+                });
+            }
+            json_resp(
+                StatusCode::OK,
+                &json!({"removed": forgotten.len(), "meter_event_ids": forgotten}),
+            )
         }
         (&Method::DELETE, p) if p.starts_with("/__admin/events/") => {
             let id = &p["/__admin/events/".len()..];

@@ -30,6 +30,8 @@ DROP FUNCTION meter._record_event(text, uuid, text, text, timestamptz, jsonb);
 DROP FUNCTION meter._event_violation(text, text, timestamptz, text, timestamptz, bigint);
 DROP FUNCTION meter._timestamp_text_violation(text);
 DROP FUNCTION meter._compute_drift(jsonb, jsonb);
+DROP FUNCTION meter._payload_hash(text, timestamptz, text);
+DROP FUNCTION meter._external_id(text, text);
 -- New organizations are woken by upsert_organization, not by a trigger
 -- (a trigger on a Citus reference table runs on every node, and NOTIFY there is refused).
 DROP TRIGGER organization_provision ON meter.organization;
@@ -313,33 +315,6 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_backoff_seconds_wrapper';
 
--- extension/src/events.rs:16
--- polar_meter::events::_batch_violation
-CREATE OR REPLACE FUNCTION "_batch_violation"(
-	"events" jsonb /* Option < JsonB > */
-) RETURNS TEXT[] /* :: std :: option :: Option < Vec < String > > */
-IMMUTABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_batch_violation_wrapper';
-
--- extension/src/events.rs:26
--- polar_meter::events::_check_events
-CREATE OR REPLACE FUNCTION "_check_events"(
-	"events" jsonb, /* Option < JsonB > */
-	"now" timestamp with time zone, /* TimestampWithTimeZone */
-	"max_skew_us" bigint /* i64 */
-) RETURNS TABLE (
-	"idx" INT,  /* i32 */
-	"idempotency_key" TEXT,  /* Option < String > */
-	"event_name" TEXT,  /* Option < String > */
-	"event_timestamp" timestamp with time zone,  /* Option < TimestampWithTimeZone > */
-	"sqlstate" TEXT,  /* Option < String > */
-	"message" TEXT  /* Option < String > */
-)
-IMMUTABLE PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_check_events_wrapper';
-
 -- extension/src/compat.rs:66
 -- polar_meter::compat::_compute_drift
 -- Skipped due to `#[pgrx(sql = false)]`
@@ -368,15 +343,9 @@ AS 'MODULE_PATHNAME', '_drift_violation_wrapper';
 -- polar_meter::compat::_event_violation
 -- Skipped due to `#[pgrx(sql = false)]`
 
--- extension/src/events.rs:72
--- polar_meter::events::_external_id
-CREATE OR REPLACE FUNCTION "_external_id"(
-	"organization_id" TEXT, /* & str */
-	"idempotency_key" TEXT /* & str */
-) RETURNS TEXT /* String */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_external_id_wrapper';
+-- extension/src/compat.rs:94
+-- polar_meter::compat::_external_id
+-- Skipped due to `#[pgrx(sql = false)]`
 
 -- extension/src/keys.rs:7
 -- polar_meter::keys::_generate_api_key
@@ -415,18 +384,36 @@ IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_organization_violation_wrapper';
 
--- extension/src/events.rs:62
--- polar_meter::events::_payload_hash
-CREATE OR REPLACE FUNCTION "_payload_hash"(
-	"event_name" TEXT, /* & str */
-	"event_timestamp" timestamp with time zone, /* TimestampWithTimeZone */
-	"metadata" TEXT /* & str */
-) RETURNS bytea /* Vec < u8 > */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_payload_hash_wrapper';
+-- extension/src/compat.rs:79
+-- polar_meter::compat::_payload_hash
+-- Skipped due to `#[pgrx(sql = false)]`
 
--- extension/src/events.rs:78
+-- extension/src/events.rs:25
+-- polar_meter::events::_prepare_batch
+CREATE OR REPLACE FUNCTION "_prepare_batch"(
+	"org_id" TEXT, /* & str */
+	"events" jsonb, /* Option < JsonB > */
+	"now" timestamp with time zone, /* TimestampWithTimeZone */
+	"max_skew_us" bigint /* i64 */
+) RETURNS TABLE (
+	"violation" TEXT[],  /* :: std :: option :: Option < Vec < String > > */
+	"idx" INT[],  /* Vec < i32 > */
+	"keys" TEXT[],  /* Vec < Option < String > > */
+	"names" TEXT[],  /* Vec < Option < String > > */
+	"ts" timestamp with time zone[],  /* Vec < Option < TimestampWithTimeZone > > */
+	"codes" TEXT[],  /* Vec < Option < String > > */
+	"msgs" TEXT[],  /* Vec < Option < String > > */
+	"hashes" bytea[],  /* Vec < :: std :: option :: Option < Vec < u8 > > > */
+	"external_ids" TEXT[],  /* Vec < Option < String > > */
+	"ids" uuid[],  /* Vec < pgrx :: Uuid > */
+	"firsts" bool[],  /* Vec < bool > */
+	"valid" INT  /* i32 */
+)
+IMMUTABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_prepare_batch_wrapper';
+
+-- extension/src/events.rs:110
 -- polar_meter::events::_reserved_metadata_key
 CREATE OR REPLACE FUNCTION "_reserved_metadata_key"() RETURNS TEXT /* & '_ str */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -484,10 +471,7 @@ AS 'MODULE_PATHNAME', 'error_codes_wrapper';
 --   keys::_key_hash
 --   keys::_api_key_start
 --   organizations::_organization_violation
---   events::_batch_violation
---   events::_check_events
---   events::_payload_hash
---   events::_external_id
+--   events::_prepare_batch
 --   events::_reserved_metadata_key
 --   outbox::_backoff_seconds
 --   outbox::_max_attempts
@@ -539,14 +523,8 @@ COMMENT ON FUNCTION meter._key_hash(text) IS 'Internal: what api_key.key_hash st
 COMMENT ON FUNCTION meter._api_key_start(text) IS 'Internal: what api_key.start stores: ak_ and the next 4 characters.';
 COMMENT ON FUNCTION meter._organization_violation(text, text, text, text, text, text) IS
   'Internal: NULL when Polar would accept the organization as a team customer, else {PM036, message} (Rust, polar_meter_rules::validate::organization).';
-COMMENT ON FUNCTION meter._batch_violation(jsonb) IS
-  'Internal: NULL when events is an array of 1 to 1000 items, else {PM016, message}.';
-COMMENT ON FUNCTION meter._check_events(jsonb, timestamptz, bigint) IS
-  'Internal: each item of a batch checked in one pass (Rust, polar_meter_rules::batch): its idempotency key, name and parsed timestamp, or its SQLSTATE and message.';
-COMMENT ON FUNCTION meter._payload_hash(text, timestamptz, text) IS
-  'Internal: fingerprint of what an idempotency key stands for: sha256(event_name 0x1F unix microseconds 0x1F metadata as jsonb''s canonical text).';
-COMMENT ON FUNCTION meter._external_id(text, text) IS
-  'Internal: the stable external_id sent to Polar for an event: pm_ + 160 bits of sha256(org 0x1F idempotency key), hex.';
+COMMENT ON FUNCTION meter._prepare_batch(text, jsonb, timestamptz, bigint) IS
+  'Internal: a whole batch of one organization checked, fingerprinted and given ids in one Rust pass (polar_meter_rules::batch::prepare), as one row of arrays in request order: the envelope''s violation {PM016, message}, or each item''s fields or violation, payload fingerprint, external_id, a fresh id, and whether it is the first good item of its key.';
 COMMENT ON FUNCTION meter._reserved_metadata_key() IS
   'Internal: the metadata key delivery adds to every event (meter_event_id), which clients may not use.';
 COMMENT ON FUNCTION meter._backoff_seconds(int, double precision, double precision, double precision) IS
@@ -557,7 +535,7 @@ COMMENT ON FUNCTION meter._drift(jsonb, jsonb) IS 'Internal: compute_drift''s re
 COMMENT ON FUNCTION meter._audit_chain_hashes(bytea, text[]) IS
   'Internal: the hashes of audit rows'' canonical texts chained after prev: h(i) = sha256(h(i-1) || text(i)).';
 
--- extension/src/lib.rs:46
+-- extension/src/lib.rs:43
 -- requires:
 --   errors
 
@@ -565,9 +543,19 @@ COMMENT ON FUNCTION meter._audit_chain_hashes(bytea, text[]) IS
 -- meter.setting_value, written only by set_setting, which polar_meter_admin may run
 -- and the sidecar may not (grants.sql): no session can widen a bound for itself.
 
+-- plpgsql, not sql: a SQL function with a subquery is never inlined, and is
+-- parsed and planned again on each call from a cached plan; this one keeps
+-- its plan for the session, and recording reads a setting on every call.
 CREATE OR REPLACE FUNCTION meter._setting(name text) RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT coalesce((SELECT s.value FROM meter.setting_value s WHERE s.name = $1), meter._setting_default($1)) $$;
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+DECLARE
+    v text;
+BEGIN
+    SELECT s.value INTO v FROM meter.setting_value s WHERE s.name = _setting.name;
+    RETURN coalesce(v, meter._setting_default(_setting.name));
+END
+$$;
 COMMENT ON FUNCTION meter._setting(text) IS
   'Internal: the value of a setting: its row in meter.setting_value, else its default.';
 
@@ -633,7 +621,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT (extract(epoch FROM i) * 1000000)::bigint $$;
 COMMENT ON FUNCTION meter._interval_us(interval) IS 'Internal: an interval in microseconds.';
 
--- extension/src/lib.rs:47
+-- extension/src/lib.rs:44
 -- requires:
 --   settings
 
@@ -869,7 +857,7 @@ $$;
 COMMENT ON FUNCTION meter.verify_audit_chain() IS
   'Checks the whole audit log: the global chain frozen by the upgrade to 0.3, then every organization''s chain. Returns the first broken link (organization_id, id, problem) or NULL when intact.';
 
--- extension/src/lib.rs:48
+-- extension/src/lib.rs:45
 -- requires:
 --   audit
 
@@ -1006,7 +994,7 @@ $$;
 COMMENT ON FUNCTION meter.alert_forward_failed(text, bigint, text) IS
   'The webhook refused or could not be reached: the alert is retried with a doubling wait (capped at an hour), and after alert_max_tries it becomes failed (with a server warning). Returns the new status.';
 
--- extension/src/lib.rs:49
+-- extension/src/lib.rs:46
 -- requires:
 --   alerts
 
@@ -1209,7 +1197,7 @@ $$;
 COMMENT ON FUNCTION meter.backfill_polar_customers() IS
   'Makes every organization without a Polar customer (or with changes Polar has not heard of) due now (also `polar-meterd backfill`). Returns how many.';
 
--- extension/src/lib.rs:54
+-- extension/src/lib.rs:51
 -- requires:
 --   organizations
 
@@ -1508,81 +1496,84 @@ AS $$ SELECT '0.3.0'::text $$;
 COMMENT ON FUNCTION meter.oldest_supported_sidecar() IS
   'The oldest polar-meterd whose SQL calls this extension version still serves. A sidecar older than its own minimum reports not ready; a newer extension that still serves it keeps it in rotation (rolling upgrades: extension first, then sidecars).';
 
--- extension/src/lib.rs:55
+-- extension/src/lib.rs:52
 -- requires:
 --   keys
 
 -- Recording events. Everything goes through one set-based core,
--- _record_batch: one key check by the caller, every item checked in one Rust
--- pass, one INSERT ... SELECT of the new rows in idempotency-key order (so
--- concurrent batches wait on each other in one order and cannot deadlock),
--- one read of what each key holds, one audit INSERT. A single event is a
--- batch of one whose error is raised instead of returned.
+-- _record_batch: one key check by the caller, every item checked,
+-- fingerprinted and given its ids in one Rust pass (_prepare_batch), one
+-- INSERT ... SELECT of the new rows in idempotency-key order (so concurrent
+-- batches wait on each other in one order and cannot deadlock), one
+-- statement that reads what each key holds and audits what was inserted. A
+-- single event is a batch of one whose error is raised instead of returned.
 
 CREATE OR REPLACE FUNCTION meter._record_batch(org_id text, api_key_id uuid, events jsonb)
 RETURNS SETOF meter.batch_recording
 LANGUAGE plpgsql
 -- No SET search_path: only called from SECURITY DEFINER functions that set it.
+-- Few statements on purpose: each costs an executor start, and a single
+-- event (the common case) pays them all; Rust prepares everything per item.
+-- Typed variables, not a record: a statement that reads a record's fields
+-- is planned again on every call.
 AS $$
 DECLARE
-    v_now      timestamptz := now();
-    v_skew     bigint := meter._interval_us(meter._setting('max_future_skew')::interval);
-    v_customer text;
-    v_idx      int[];
-    v_keys     text[];
-    v_names    text[];
-    v_ts       timestamptz[];
-    v_codes    text[];
-    v_msgs     text[];
-    v_hashes   bytea[];
-    v_ids      uuid[];
-    v_skeys    text[];
-    v_sids     uuid[];
-    v_shashes  bytea[];
+    v_now       timestamptz := now();
+    v_skew      bigint := meter._interval_us(meter._setting('max_future_skew')::interval);
+    v_violation text[];
+    v_idx       int[];
+    v_keys      text[];
+    v_names     text[];
+    v_ts        timestamptz[];
+    v_codes     text[];
+    v_msgs      text[];
+    v_hashes    bytea[];
+    v_xids      text[];
+    v_ids       uuid[];
+    v_firsts    boolean[];
+    v_valid     int;
+    v_skeys     text[];
+    v_sids      uuid[];
+    v_shashes   bytea[];
 BEGIN
-    PERFORM meter._raise(meter._batch_violation(events));
-    SELECT array_agg(c.idx ORDER BY c.idx), array_agg(c.idempotency_key ORDER BY c.idx),
-           array_agg(c.event_name ORDER BY c.idx), array_agg(c.event_timestamp ORDER BY c.idx),
-           array_agg(c.sqlstate ORDER BY c.idx), array_agg(c.message ORDER BY c.idx),
-           array_agg(CASE WHEN c.sqlstate IS NULL THEN meter._payload_hash(c.event_name, c.event_timestamp,
-                          coalesce(events -> c.idx -> 'metadata', '{}')::text) END ORDER BY c.idx),
-           array_agg(gen_random_uuid() ORDER BY c.idx)
-    INTO v_idx, v_keys, v_names, v_ts, v_codes, v_msgs, v_hashes, v_ids
-    FROM meter._check_events(events, v_now, v_skew) c;
-    SELECT o.polar_customer_id INTO v_customer FROM meter.organization o WHERE o.id = org_id;
+    SELECT * INTO v_violation, v_idx, v_keys, v_names, v_ts, v_codes, v_msgs, v_hashes, v_xids, v_ids, v_firsts, v_valid
+    FROM meter._prepare_batch(org_id, events, v_now, v_skew);
+    IF v_violation IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = v_violation[1], MESSAGE = v_violation[2];
+    END IF;
 
-    -- The first item of each key, in request order, is the one inserted.
-    -- Each item's id is drawn above, so which rows this call inserted is read
-    -- back below without RETURNING. An event is not due before its own
-    -- timestamp: Polar refuses events from its future.
+    -- The first good item of each key, in request order, is the one
+    -- inserted, in key order (so concurrent batches wait on each other in one
+    -- order and cannot deadlock). Each item's id is drawn beforehand, so which
+    -- rows this call inserted is read back below without RETURNING. An event
+    -- is not due before its own timestamp: Polar refuses events from its future.
     INSERT INTO meter.meter_event (organization_id, id, api_key_id, idempotency_key, event_name, event_timestamp,
                                    metadata, payload_hash, external_id, polar_customer_id, next_attempt_at)
-    SELECT org_id, f.id, api_key_id, f.k, f.n, f.ts, f.m, f.h, meter._external_id(org_id, f.k), v_customer,
-           greatest(v_now, f.ts)
-    FROM (SELECT DISTINCT ON (u.k) u.id, u.k, u.n, u.ts, u.h, coalesce(events -> u.i -> 'metadata', '{}') AS m
-          FROM unnest(v_idx, v_keys, v_names, v_ts, v_codes, v_hashes, v_ids) AS u(i, k, n, ts, code, h, id)
-          WHERE u.code IS NULL
-          ORDER BY u.k, u.i) f
-    ORDER BY f.k
+    SELECT org_id, u.id, api_key_id, u.k, u.n, u.ts, coalesce(events -> u.i -> 'metadata', '{}'), u.h, u.x,
+           (SELECT o.polar_customer_id FROM meter.organization o WHERE o.id = org_id), greatest(v_now, u.ts)
+    FROM unnest(v_idx, v_keys, v_names, v_ts, v_hashes, v_xids, v_ids, v_firsts) AS u(i, k, n, ts, h, x, id, first)
+    WHERE u.first
+    ORDER BY u.k
     ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING;
 
     -- A new statement, so rows a concurrent transaction committed while the
-    -- INSERT waited on them are visible (READ COMMITTED).
-    SELECT array_agg(e.idempotency_key), array_agg(e.id), array_agg(e.payload_hash)
-    INTO v_skeys, v_sids, v_shashes
-    FROM meter.meter_event e
-    WHERE e.organization_id = org_id
-      AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_codes) AS u(k, code) WHERE u.code IS NULL));
+    -- INSERT waited on them are visible (READ COMMITTED). What each key holds
+    -- now, and one audit row for each event this call inserted.
+    WITH held AS (
+        SELECT e.idempotency_key AS k, e.id, e.payload_hash AS h
+        FROM meter.meter_event e
+        WHERE e.organization_id = org_id
+          AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_firsts) AS u(k, first) WHERE u.first))
+    ), audited AS (
+        INSERT INTO meter.audit_log (organization_id, action, subject, detail)
+        SELECT org_id, 'event.recorded', held.id::text,
+               jsonb_build_object('idempotency_key', held.k, 'payload_hash', encode(held.h, 'hex'))
+        FROM held JOIN unnest(v_ids) AS mine(id) ON mine.id = held.id
+        ORDER BY held.k
+    )
+    SELECT array_agg(held.k), array_agg(held.id), array_agg(held.h) INTO v_skeys, v_sids, v_shashes FROM held;
 
-    INSERT INTO meter.audit_log (organization_id, action, subject, detail)
-    SELECT org_id, 'event.recorded', s.id::text,
-           jsonb_build_object('idempotency_key', s.k, 'payload_hash', encode(s.h, 'hex'))
-    FROM unnest(v_skeys, v_sids, v_shashes) AS s(k, id, h)
-    JOIN unnest(v_ids) AS mine(id) ON mine.id = s.id
-    ORDER BY s.k;
-
-    IF EXISTS (SELECT 1 FROM unnest(v_keys, v_codes) AS u(k, code)
-               WHERE u.code IS NULL AND u.k <> ALL (coalesce(v_skeys, '{}'))) THEN
+    IF coalesce(cardinality(v_skeys), 0) < v_valid THEN
         -- Only under REPEATABLE READ or SERIALIZABLE can a winner be invisible.
         RAISE EXCEPTION USING ERRCODE = '40001',
             MESSAGE = 'a concurrent transaction recorded one of these idempotency keys; retry';
@@ -1711,7 +1702,7 @@ AS $$ SELECT meter.record_event_for_org(org_id, idempotency_key, event_name, to_
 COMMENT ON FUNCTION meter.record_event_for_org(text, text, text, timestamptz, jsonb) IS
   'record_event for DBAs: records an event for an organization without an API key (api_key_id stays NULL). Same idempotency and validation; PM030 if the org is unknown.';
 
--- extension/src/lib.rs:56
+-- extension/src/lib.rs:53
 -- requires:
 --   events
 
@@ -2150,7 +2141,7 @@ $$;
 COMMENT ON FUNCTION meter.drain_meter_outbox() IS
   'The pg_cron safety net (every 5 minutes): wakes the sidecars (NOTIFY meter_outbox), which claim and deliver, and runs check_delivery_health. Returns outbox_stats plus alerts_raised. Since 0.3 it claims nothing itself: only sidecars claim (claim_events).';
 
--- extension/src/lib.rs:57
+-- extension/src/lib.rs:54
 -- requires:
 --   outbox
 
@@ -2174,7 +2165,7 @@ $$;
 COMMENT ON FUNCTION meter.compute_drift(jsonb, jsonb) IS
   'Drift between local and remote counts. Each side: {customer: count} or {customer: {event_name: count}}. Returns {local_total, remote_total, drift, drift_ratio, customers:[{customer, local, remote, delta, drift[, event_names]}]} listing only customers that differ. delta = remote - local; drift = sum of |delta| (per event name when both sides give names); drift_ratio = drift / local_total, or 0 (no drift) / 1 (any drift) when local_total is 0. PM063 on malformed input.';
 
--- extension/src/lib.rs:58
+-- extension/src/lib.rs:55
 -- requires:
 --   drift
 
@@ -2697,7 +2688,7 @@ $$;
 COMMENT ON FUNCTION meter.reconcile_failed(bigint, text) IS
   'A run could not finish (Polar or the network failed): it is retried after backoff_delay(tries) and resumes where it stopped; after setting reconcile_max_tries (5) it becomes failed and raises reconcile_failing. Returns the new status.';
 
--- extension/src/lib.rs:59
+-- extension/src/lib.rs:56
 -- requires:
 --   reconcile
 
@@ -2849,7 +2840,7 @@ $$;
 COMMENT ON FUNCTION meter.outbox_stats() IS
   'What an operator pages on, as JSON: events by delivery status (pending, in_flight, failed, dropped, rejected), the age of the oldest due event of an organization with a customer, events waiting for their customer, pending, failed and all alerts, unsealed audit rows, the last finished reconcile run (age, drift) and failed runs. Reads partial indexes only; polar-meterd''s /metrics reads it on a timer.';
 
--- extension/src/lib.rs:60
+-- extension/src/lib.rs:57
 -- requires:
 --   health
 
@@ -2951,7 +2942,7 @@ $$;
 COMMENT ON FUNCTION meter.unschedule_jobs() IS
   'Removes the polar_meter jobs from pg_cron; run it before DROP EXTENSION polar_meter. Returns how many were removed.';
 
--- extension/src/lib.rs:61
+-- extension/src/lib.rs:58
 -- finalize
 -- Least privilege (loaded last, pgrx `finalize`; an upgrade script re-runs it).
 --

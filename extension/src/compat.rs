@@ -74,3 +74,24 @@ fn _compute_drift(local: JsonB, remote: JsonB) -> JsonB {
         },
     )
 }
+
+/// 0.1/0.2's `meter._payload_hash` (0.3 fingerprints in `_prepare_batch`).
+#[pg_extern(immutable, strict, parallel_safe, sql = false)]
+fn _payload_hash(
+    event_name: &str,
+    event_timestamp: TimestampWithTimeZone,
+    metadata: &str,
+) -> Vec<u8> {
+    polar_meter_rules::ids::payload_fingerprint(
+        event_name,
+        crate::events::unix_us(event_timestamp),
+        metadata,
+    )
+    .to_vec()
+}
+
+/// 0.1/0.2's `meter._external_id` (0.3 derives it in `_prepare_batch`).
+#[pg_extern(immutable, strict, parallel_safe, sql = false)]
+fn _external_id(organization_id: &str, idempotency_key: &str) -> String {
+    polar_meter_rules::ids::external_id(organization_id, idempotency_key)
+}

@@ -42,14 +42,8 @@ COMMENT ON FUNCTION meter._key_hash(text) IS 'Internal: what api_key.key_hash st
 COMMENT ON FUNCTION meter._api_key_start(text) IS 'Internal: what api_key.start stores: ak_ and the next 4 characters.';
 COMMENT ON FUNCTION meter._organization_violation(text, text, text, text, text, text) IS
   'Internal: NULL when Polar would accept the organization as a team customer, else {PM036, message} (Rust, polar_meter_rules::validate::organization).';
-COMMENT ON FUNCTION meter._batch_violation(jsonb) IS
-  'Internal: NULL when events is an array of 1 to 1000 items, else {PM016, message}.';
-COMMENT ON FUNCTION meter._check_events(jsonb, timestamptz, bigint) IS
-  'Internal: each item of a batch checked in one pass (Rust, polar_meter_rules::batch): its idempotency key, name and parsed timestamp, or its SQLSTATE and message.';
-COMMENT ON FUNCTION meter._payload_hash(text, timestamptz, text) IS
-  'Internal: fingerprint of what an idempotency key stands for: sha256(event_name 0x1F unix microseconds 0x1F metadata as jsonb''s canonical text).';
-COMMENT ON FUNCTION meter._external_id(text, text) IS
-  'Internal: the stable external_id sent to Polar for an event: pm_ + 160 bits of sha256(org 0x1F idempotency key), hex.';
+COMMENT ON FUNCTION meter._prepare_batch(text, jsonb, timestamptz, bigint) IS
+  'Internal: a whole batch of one organization checked, fingerprinted and given ids in one Rust pass (polar_meter_rules::batch::prepare), as one row of arrays in request order: the envelope''s violation {PM016, message}, or each item''s fields or violation, payload fingerprint, external_id, a fresh id, and whether it is the first good item of its key.';
 COMMENT ON FUNCTION meter._reserved_metadata_key() IS
   'Internal: the metadata key delivery adds to every event (meter_event_id), which clients may not use.';
 COMMENT ON FUNCTION meter._backoff_seconds(int, double precision, double precision, double precision) IS

@@ -1,6 +1,7 @@
 //! Event rules (polar_meter_rules::{batch, validate, ids}), exposed to the
-//! set-based recording in events.sql: the batch is checked here in one pass,
-//! every timestamp is parsed here once, and SQL only touches rows.
+//! set-based recording in events.sql: the batch is checked, fingerprinted and
+//! given its ids here in one pass, every timestamp is parsed here once, and
+//! SQL only touches rows.
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use polar_meter_rules::{batch, ids, validate};
@@ -12,66 +13,97 @@ pub(crate) fn unix_us(t: TimestampWithTimeZone) -> i64 {
     i64::from(t).saturating_add(PG_EPOCH_UNIX_US)
 }
 
-/// NULL when `events` is an array of 1 to 1000 items, else the violation.
-#[pg_extern(immutable, parallel_safe)]
-fn _batch_violation(events: Option<JsonB>) -> Option<Vec<String>> {
-    let v = events.map(|j| j.0).unwrap_or(serde_json::Value::Null);
-    crate::errors::check(batch::envelope(&v).map(|_| ()))
-}
-
-/// Every item of a batch, checked: its fields, or its violation. `now` and
-/// `max_skew_us` bound the timestamp (passed in, so the function stays immutable).
+/// A whole batch of one organization, prepared in one Rust pass
+/// (polar_meter_rules::batch::prepare), as one row of arrays in request
+/// order, so that SQL only inserts: the envelope's violation (and no items),
+/// or each item's fields or violation, fingerprint, external_id, a fresh id,
+/// and whether it is the first good item of its key; `valid` counts the
+/// distinct keys of good items. `now` and `max_skew_us` bound the timestamps
+/// (passed in, so the function stays immutable).
 // pgrx reads the column names from this signature, so it cannot be an alias.
 #[allow(clippy::type_complexity)]
 #[pg_extern(immutable, parallel_safe)]
-fn _check_events(
+fn _prepare_batch(
+    org_id: &str,
     events: Option<JsonB>,
     now: TimestampWithTimeZone,
     max_skew_us: i64,
 ) -> TableIterator<
     'static,
     (
-        name!(idx, i32),
-        name!(idempotency_key, Option<String>),
-        name!(event_name, Option<String>),
-        name!(event_timestamp, Option<TimestampWithTimeZone>),
-        name!(sqlstate, Option<String>),
-        name!(message, Option<String>),
+        name!(violation, Option<Vec<String>>),
+        name!(idx, Vec<i32>),
+        name!(keys, Vec<Option<String>>),
+        name!(names, Vec<Option<String>>),
+        name!(ts, Vec<Option<TimestampWithTimeZone>>),
+        name!(codes, Vec<Option<String>>),
+        name!(msgs, Vec<Option<String>>),
+        name!(hashes, Vec<Option<Vec<u8>>>),
+        name!(external_ids, Vec<Option<String>>),
+        name!(ids, Vec<pgrx::Uuid>),
+        name!(firsts, Vec<bool>),
+        name!(valid, i32),
     ),
 > {
     let v = events.map(|j| j.0).unwrap_or(serde_json::Value::Null);
-    let rows: Vec<_> = batch::check_events(&v, unix_us(now), max_skew_us)
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let ts = c
-                .timestamp_us
-                .and_then(|us| TimestampWithTimeZone::try_from(us - PG_EPOCH_UNIX_US).ok());
-            let (code, message) = match c.violation {
-                Some(v) => (Some(v.sqlstate.to_string()), Some(v.message)),
-                None => (None, None),
-            };
-            (i as i32, c.idempotency_key, c.event_name, ts, code, message)
-        })
-        .collect();
-    TableIterator::new(rows)
-}
-
-/// See polar_meter_rules::ids::payload_fingerprint; `metadata` is jsonb's
-/// canonical text, so any spelling of the same payload has one fingerprint.
-#[pg_extern(immutable, strict, parallel_safe)]
-fn _payload_hash(
-    event_name: &str,
-    event_timestamp: TimestampWithTimeZone,
-    metadata: &str,
-) -> Vec<u8> {
-    ids::payload_fingerprint(event_name, unix_us(event_timestamp), metadata).to_vec()
-}
-
-/// See polar_meter_rules::ids::external_id.
-#[pg_extern(immutable, strict, parallel_safe)]
-fn _external_id(organization_id: &str, idempotency_key: &str) -> String {
-    ids::external_id(organization_id, idempotency_key)
+    let items = match batch::prepare(org_id, &v, unix_us(now), max_skew_us) {
+        Ok(items) => items,
+        Err(violation) => {
+            let none = Some(crate::errors::violation(violation));
+            return TableIterator::new(vec![(
+                none,
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                vec![],
+                0,
+            )]);
+        }
+    };
+    let ids = ids::random_uuids(items.len())
+        .unwrap_or_else(|e| error!("no randomness for event ids: {e}"));
+    let valid = items.iter().filter(|p| p.first_of_key).count() as i32;
+    let mut row = (
+        None,
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        valid,
+    );
+    for (i, (p, id)) in items.into_iter().zip(ids).enumerate() {
+        let c = p.checked;
+        let (code, message) = match c.violation {
+            Some(v) => (Some(v.sqlstate.to_string()), Some(v.message)),
+            None => (None, None),
+        };
+        row.1.push(i as i32);
+        row.2.push(c.idempotency_key);
+        row.3.push(c.event_name);
+        row.4.push(
+            c.timestamp_us
+                .and_then(|us| TimestampWithTimeZone::try_from(us - PG_EPOCH_UNIX_US).ok()),
+        );
+        row.5.push(code);
+        row.6.push(message);
+        row.7.push(p.fingerprint.map(|f| f.to_vec()));
+        row.8.push(p.external_id);
+        row.9.push(pgrx::Uuid::from_bytes(id));
+        row.10.push(p.first_of_key);
+    }
+    TableIterator::new(vec![row])
 }
 
 /// The metadata key delivery adds (clients may not use it).

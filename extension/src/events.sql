@@ -1,74 +1,77 @@
 -- Recording events. Everything goes through one set-based core,
--- _record_batch: one key check by the caller, every item checked in one Rust
--- pass, one INSERT ... SELECT of the new rows in idempotency-key order (so
--- concurrent batches wait on each other in one order and cannot deadlock),
--- one read of what each key holds, one audit INSERT. A single event is a
--- batch of one whose error is raised instead of returned.
+-- _record_batch: one key check by the caller, every item checked,
+-- fingerprinted and given its ids in one Rust pass (_prepare_batch), one
+-- INSERT ... SELECT of the new rows in idempotency-key order (so concurrent
+-- batches wait on each other in one order and cannot deadlock), one
+-- statement that reads what each key holds and audits what was inserted. A
+-- single event is a batch of one whose error is raised instead of returned.
 
 CREATE FUNCTION meter._record_batch(org_id text, api_key_id uuid, events jsonb)
 RETURNS SETOF meter.batch_recording
 LANGUAGE plpgsql
 -- No SET search_path: only called from SECURITY DEFINER functions that set it.
+-- Few statements on purpose: each costs an executor start, and a single
+-- event (the common case) pays them all; Rust prepares everything per item.
+-- Typed variables, not a record: a statement that reads a record's fields
+-- is planned again on every call.
 AS $$
 DECLARE
-    v_now      timestamptz := now();
-    v_skew     bigint := meter._interval_us(meter._setting('max_future_skew')::interval);
-    v_customer text;
-    v_idx      int[];
-    v_keys     text[];
-    v_names    text[];
-    v_ts       timestamptz[];
-    v_codes    text[];
-    v_msgs     text[];
-    v_hashes   bytea[];
-    v_ids      uuid[];
-    v_skeys    text[];
-    v_sids     uuid[];
-    v_shashes  bytea[];
+    v_now       timestamptz := now();
+    v_skew      bigint := meter._interval_us(meter._setting('max_future_skew')::interval);
+    v_violation text[];
+    v_idx       int[];
+    v_keys      text[];
+    v_names     text[];
+    v_ts        timestamptz[];
+    v_codes     text[];
+    v_msgs      text[];
+    v_hashes    bytea[];
+    v_xids      text[];
+    v_ids       uuid[];
+    v_firsts    boolean[];
+    v_valid     int;
+    v_skeys     text[];
+    v_sids      uuid[];
+    v_shashes   bytea[];
 BEGIN
-    PERFORM meter._raise(meter._batch_violation(events));
-    SELECT array_agg(c.idx ORDER BY c.idx), array_agg(c.idempotency_key ORDER BY c.idx),
-           array_agg(c.event_name ORDER BY c.idx), array_agg(c.event_timestamp ORDER BY c.idx),
-           array_agg(c.sqlstate ORDER BY c.idx), array_agg(c.message ORDER BY c.idx),
-           array_agg(CASE WHEN c.sqlstate IS NULL THEN meter._payload_hash(c.event_name, c.event_timestamp,
-                          coalesce(events -> c.idx -> 'metadata', '{}')::text) END ORDER BY c.idx),
-           array_agg(gen_random_uuid() ORDER BY c.idx)
-    INTO v_idx, v_keys, v_names, v_ts, v_codes, v_msgs, v_hashes, v_ids
-    FROM meter._check_events(events, v_now, v_skew) c;
-    SELECT o.polar_customer_id INTO v_customer FROM meter.organization o WHERE o.id = org_id;
+    SELECT * INTO v_violation, v_idx, v_keys, v_names, v_ts, v_codes, v_msgs, v_hashes, v_xids, v_ids, v_firsts, v_valid
+    FROM meter._prepare_batch(org_id, events, v_now, v_skew);
+    IF v_violation IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = v_violation[1], MESSAGE = v_violation[2];
+    END IF;
 
-    -- The first item of each key, in request order, is the one inserted.
-    -- Each item's id is drawn above, so which rows this call inserted is read
-    -- back below without RETURNING. An event is not due before its own
-    -- timestamp: Polar refuses events from its future.
+    -- The first good item of each key, in request order, is the one
+    -- inserted, in key order (so concurrent batches wait on each other in one
+    -- order and cannot deadlock). Each item's id is drawn beforehand, so which
+    -- rows this call inserted is read back below without RETURNING. An event
+    -- is not due before its own timestamp: Polar refuses events from its future.
     INSERT INTO meter.meter_event (organization_id, id, api_key_id, idempotency_key, event_name, event_timestamp,
                                    metadata, payload_hash, external_id, polar_customer_id, next_attempt_at)
-    SELECT org_id, f.id, api_key_id, f.k, f.n, f.ts, f.m, f.h, meter._external_id(org_id, f.k), v_customer,
-           greatest(v_now, f.ts)
-    FROM (SELECT DISTINCT ON (u.k) u.id, u.k, u.n, u.ts, u.h, coalesce(events -> u.i -> 'metadata', '{}') AS m
-          FROM unnest(v_idx, v_keys, v_names, v_ts, v_codes, v_hashes, v_ids) AS u(i, k, n, ts, code, h, id)
-          WHERE u.code IS NULL
-          ORDER BY u.k, u.i) f
-    ORDER BY f.k
+    SELECT org_id, u.id, api_key_id, u.k, u.n, u.ts, coalesce(events -> u.i -> 'metadata', '{}'), u.h, u.x,
+           (SELECT o.polar_customer_id FROM meter.organization o WHERE o.id = org_id), greatest(v_now, u.ts)
+    FROM unnest(v_idx, v_keys, v_names, v_ts, v_hashes, v_xids, v_ids, v_firsts) AS u(i, k, n, ts, h, x, id, first)
+    WHERE u.first
+    ORDER BY u.k
     ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING;
 
     -- A new statement, so rows a concurrent transaction committed while the
-    -- INSERT waited on them are visible (READ COMMITTED).
-    SELECT array_agg(e.idempotency_key), array_agg(e.id), array_agg(e.payload_hash)
-    INTO v_skeys, v_sids, v_shashes
-    FROM meter.meter_event e
-    WHERE e.organization_id = org_id
-      AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_codes) AS u(k, code) WHERE u.code IS NULL));
+    -- INSERT waited on them are visible (READ COMMITTED). What each key holds
+    -- now, and one audit row for each event this call inserted.
+    WITH held AS (
+        SELECT e.idempotency_key AS k, e.id, e.payload_hash AS h
+        FROM meter.meter_event e
+        WHERE e.organization_id = org_id
+          AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_firsts) AS u(k, first) WHERE u.first))
+    ), audited AS (
+        INSERT INTO meter.audit_log (organization_id, action, subject, detail)
+        SELECT org_id, 'event.recorded', held.id::text,
+               jsonb_build_object('idempotency_key', held.k, 'payload_hash', encode(held.h, 'hex'))
+        FROM held JOIN unnest(v_ids) AS mine(id) ON mine.id = held.id
+        ORDER BY held.k
+    )
+    SELECT array_agg(held.k), array_agg(held.id), array_agg(held.h) INTO v_skeys, v_sids, v_shashes FROM held;
 
-    INSERT INTO meter.audit_log (organization_id, action, subject, detail)
-    SELECT org_id, 'event.recorded', s.id::text,
-           jsonb_build_object('idempotency_key', s.k, 'payload_hash', encode(s.h, 'hex'))
-    FROM unnest(v_skeys, v_sids, v_shashes) AS s(k, id, h)
-    JOIN unnest(v_ids) AS mine(id) ON mine.id = s.id
-    ORDER BY s.k;
-
-    IF EXISTS (SELECT 1 FROM unnest(v_keys, v_codes) AS u(k, code)
-               WHERE u.code IS NULL AND u.k <> ALL (coalesce(v_skeys, '{}'))) THEN
+    IF coalesce(cardinality(v_skeys), 0) < v_valid THEN
         -- Only under REPEATABLE READ or SERIALIZABLE can a winner be invisible.
         RAISE EXCEPTION USING ERRCODE = '40001',
             MESSAGE = 'a concurrent transaction recorded one of these idempotency keys; retry';

@@ -2,9 +2,19 @@
 -- meter.setting_value, written only by set_setting, which polar_meter_admin may run
 -- and the sidecar may not (grants.sql): no session can widen a bound for itself.
 
+-- plpgsql, not sql: a SQL function with a subquery is never inlined, and is
+-- parsed and planned again on each call from a cached plan; this one keeps
+-- its plan for the session, and recording reads a setting on every call.
 CREATE FUNCTION meter._setting(name text) RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT coalesce((SELECT s.value FROM meter.setting_value s WHERE s.name = $1), meter._setting_default($1)) $$;
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+DECLARE
+    v text;
+BEGIN
+    SELECT s.value INTO v FROM meter.setting_value s WHERE s.name = _setting.name;
+    RETURN coalesce(v, meter._setting_default(_setting.name));
+END
+$$;
 COMMENT ON FUNCTION meter._setting(text) IS
   'Internal: the value of a setting: its row in meter.setting_value, else its default.';
 

@@ -152,11 +152,12 @@ pub struct Config {
     pub max_pending_events: usize,
 
     /// Recording calls in flight per API key: requests arriving meanwhile are coalesced
-    /// into the next call (group commit).
+    /// into the next call (group commit). Two measured best under load (BENCHMARKS.md):
+    /// one call executes while the other waits for its commit to reach disk.
     #[arg(
         long,
         env = "POLAR_METER_GROUP_COMMIT_CONCURRENCY",
-        default_value_t = 4
+        default_value_t = 2
     )]
     pub group_commit_concurrency: usize,
 

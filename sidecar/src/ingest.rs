@@ -25,6 +25,11 @@ use crate::problem::Problem;
 const RECORD_EVENTS: &str =
     "SELECT idx, status, event_id, sqlstate, message FROM meter.record_events($1::text, $2::jsonb)";
 
+/// Events that must be waiting before a second (third...) call for the same
+/// key starts while one is in flight: a call's fixed cost (key check, a few
+/// statements, a commit) is worth paying in parallel only for a group.
+const EXTRA_CALL_MIN_EVENTS: usize = 8;
+
 /// An event the database accepted: recorded now, or already recorded.
 #[derive(Debug, Clone)]
 pub struct Recorded {
@@ -170,7 +175,10 @@ impl Recorder {
             let mut q = self.queues.lock().unwrap();
             let kq = q.entry(key.clone()).or_default();
             kq.waiting.push_back(Item { event, answer: tx });
-            if kq.running < self.concurrency {
+            // The first call starts at once; another only once enough events
+            // wait to be worth its fixed cost, else they ride in the next call.
+            let worth = kq.running == 0 || kq.waiting.len() >= EXTRA_CALL_MIN_EVENTS;
+            if kq.running < self.concurrency && worth {
                 kq.running += 1;
                 true
             } else {

@@ -10,6 +10,11 @@ use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+// Many small short-lived allocations per request (JSON, headers, futures):
+// glibc's malloc spent a quarter of the sidecar's CPU on them under load.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The daemon logs to stdout; one-shot commands log to stderr, so that their
 /// stdout is only their result.
 fn init_tracing(format: LogFormat, to_stderr: bool) {

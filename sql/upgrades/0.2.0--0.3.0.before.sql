@@ -26,6 +26,8 @@ DROP FUNCTION meter._record_event(text, uuid, text, text, timestamptz, jsonb);
 DROP FUNCTION meter._event_violation(text, text, timestamptz, text, timestamptz, bigint);
 DROP FUNCTION meter._timestamp_text_violation(text);
 DROP FUNCTION meter._compute_drift(jsonb, jsonb);
+DROP FUNCTION meter._payload_hash(text, timestamptz, text);
+DROP FUNCTION meter._external_id(text, text);
 -- New organizations are woken by upsert_organization, not by a trigger
 -- (a trigger on a Citus reference table runs on every node, and NOTIFY there is refused).
 DROP TRIGGER organization_provision ON meter.organization;

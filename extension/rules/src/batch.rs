@@ -6,7 +6,7 @@
 //! exactly a single event.
 
 use crate::sqlstate::{self, Violation};
-use crate::validate;
+use crate::{ids, validate};
 use serde_json::Value;
 
 pub const MAX_EVENTS: usize = 1000;
@@ -43,6 +43,60 @@ pub fn envelope(events: &Value) -> Result<usize, Violation> {
             "events must be a JSON array",
         )),
     }
+}
+
+/// An item ready to insert: checked, and for a good item its fingerprint,
+/// its external_id, and whether it is the first good item of its key (the
+/// one a batch inserts; later ones are judged against it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    pub checked: Checked,
+    pub fingerprint: Option<[u8; 32]>,
+    pub external_id: Option<String>,
+    pub first_of_key: bool,
+}
+
+/// The whole batch of an organization, prepared in one pass: the envelope's
+/// violation, or every item in request order.
+pub fn prepare(
+    organization_id: &str,
+    events: &Value,
+    now_us: i64,
+    skew_us: i64,
+) -> Result<Vec<Prepared>, Violation> {
+    envelope(events)?;
+    let items = events.as_array().map(Vec::as_slice).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    Ok(items
+        .iter()
+        .map(|v| {
+            let checked = check_one(v, now_us, skew_us);
+            let (fingerprint, external_id, first_of_key) =
+                match (&checked.violation, &checked.idempotency_key) {
+                    (None, Some(k)) => {
+                        let empty = Value::Object(Default::default());
+                        let metadata = v.get("metadata").unwrap_or(&empty);
+                        let fp = ids::payload_fingerprint(
+                            checked.event_name.as_deref().unwrap_or_default(),
+                            checked.timestamp_us.unwrap_or_default(),
+                            &ids::jsonb_text(metadata),
+                        );
+                        (
+                            Some(fp),
+                            Some(ids::external_id(organization_id, k)),
+                            seen.insert(k.clone()),
+                        )
+                    }
+                    _ => (None, None, false),
+                };
+            Prepared {
+                checked,
+                fingerprint,
+                external_id,
+                first_of_key,
+            }
+        })
+        .collect())
 }
 
 /// Every item of a well-formed envelope, in order (an ill-formed one has none).
@@ -231,6 +285,43 @@ mod tests {
                 v.message
             );
         }
+    }
+
+    #[test]
+    fn prepare_marks_the_first_good_item_of_each_key_and_fingerprints_it() {
+        let items = json!([
+            {"idempotency_key": "a", "event_name": "n", "event_timestamp": "2026-01-31T12:00:00Z", "metadata": {"x": 1}},
+            {"idempotency_key": "a", "event_name": "", "event_timestamp": "2026-01-31T12:00:00Z"},
+            {"idempotency_key": "a", "event_name": "n", "event_timestamp": "2026-01-31T12:00:00Z"},
+            {"idempotency_key": "b", "event_name": "n", "event_timestamp": "2026-01-31T12:00:00Z"},
+        ]);
+        let p = prepare("acme", &items, NOW, SKEW).unwrap();
+        let firsts: Vec<bool> = p.iter().map(|x| x.first_of_key).collect();
+        assert_eq!(
+            firsts,
+            [true, false, false, true],
+            "a bad item is never the first of its key"
+        );
+        assert!(p[1].fingerprint.is_none() && p[1].external_id.is_none());
+        assert_eq!(p[0].external_id, Some(ids::external_id("acme", "a")));
+        assert_eq!(p[0].external_id, p[2].external_id);
+        assert_eq!(
+            p[0].fingerprint,
+            Some(ids::payload_fingerprint(
+                "n",
+                1_769_860_800_000_000,
+                r#"{"x": 1}"#
+            ))
+        );
+        assert_eq!(
+            p[2].fingerprint,
+            Some(ids::payload_fingerprint("n", 1_769_860_800_000_000, "{}")),
+            "no metadata is {{}}"
+        );
+        assert_eq!(
+            prepare("acme", &json!([]), NOW, SKEW).unwrap_err().sqlstate,
+            sqlstate::BATCH_ENVELOPE
+        );
     }
 
     #[test]

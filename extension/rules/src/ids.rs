@@ -37,9 +37,125 @@ pub fn external_id(organization_id: &str, idempotency_key: &str) -> String {
     out
 }
 
+/// `n` fresh random (version 4) UUIDs from the OS CSPRNG: the ids of a
+/// batch's events, drawn before the INSERT so that the rows a call inserted
+/// can be told from rows already there.
+pub fn random_uuids(n: usize) -> Result<Vec<[u8; 16]>, getrandom::Error> {
+    let mut bytes = vec![0u8; 16 * n];
+    getrandom::getrandom(&mut bytes)?;
+    Ok(bytes
+        .chunks_exact(16)
+        .map(|c| {
+            let mut u: [u8; 16] = c.try_into().expect("16 bytes");
+            u[6] = (u[6] & 0x0f) | 0x40; // version 4
+            u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
+            u
+        })
+        .collect())
+}
+
+/// The text PostgreSQL's jsonb_out gives for `v`, when `v` was parsed from
+/// jsonb_out's own text (pgrx hands jsonb to Rust that way, and
+/// serde_json keeps its key order and number spelling): `{"k": v, "k2": v2}`,
+/// `[a, b]`, strings escaped as PostgreSQL's escape_json does. It is what
+/// `metadata::text` yields in SQL, so fingerprints computed here equal the
+/// ones 0.1 and 0.2 stored.
+pub fn jsonb_text(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    write_jsonb(&mut out, v);
+    out
+}
+
+fn write_jsonb(out: &mut String, v: &serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => write_jsonb_string(out, s),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_jsonb(out, x);
+            }
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_jsonb_string(out, k);
+                out.push_str(": ");
+                write_jsonb(out, x);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// PostgreSQL's escape_json: the two-character escapes, \u00xx (lower case)
+/// for the other control characters, everything else as it is.
+fn write_jsonb_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_uuids_are_version_4_and_distinct() {
+        let u = random_uuids(1000).unwrap();
+        assert_eq!(u.len(), 1000);
+        assert!(u.iter().all(|x| x[6] >> 4 == 4 && x[8] >> 6 == 2));
+        let distinct: std::collections::HashSet<_> = u.iter().collect();
+        assert_eq!(distinct.len(), 1000);
+    }
+
+    #[test]
+    fn jsonb_text_is_jsonb_outs_spelling() {
+        // Expected strings are what PostgreSQL 15 prints for these values
+        // (SELECT '...'::jsonb); the e2e suite checks it against the server too.
+        let cases = [
+            (r#"{}"#, r#"{}"#),
+            (r#"{"a": 1, "bb": "x"}"#, r#"{"a": 1, "bb": "x"}"#),
+            (
+                r#"{"a": 1.50, "b": -0, "c": 12345678901234567890123}"#,
+                r#"{"a": 1.50, "b": -0, "c": 12345678901234567890123}"#,
+            ),
+            (
+                r#"{"t": "tab\there \"q\" back\\slash \u0001 \u001f é 😀"}"#,
+                "{\"t\": \"tab\\there \\\"q\\\" back\\\\slash \\u0001 \\u001f é 😀\"}",
+            ),
+            (
+                r#"{"b": true, "f": false, "n": null, "l": [1, "x"]}"#,
+                r#"{"b": true, "f": false, "n": null, "l": [1, "x"]}"#,
+            ),
+        ];
+        for (input, want) in cases {
+            let v: serde_json::Value = serde_json::from_str(input).unwrap();
+            assert_eq!(jsonb_text(&v), want, "{input}");
+        }
+    }
 
     #[test]
     fn fingerprint_separates_fields() {

@@ -169,14 +169,18 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
     blocker
         .run("BEGIN; SELECT meter.record_event_for_org('acme', 'held', 'e', now());")
         .await;
+    // A second key has a group commit of its own, so its request needs a
+    // connection of its own too.
+    let (_, key2) = db.key(&db.admin().await, "acme", &["fence:meter"]).await;
     let c = http();
-    let post = |k: String| {
+    let post_as = |key: String, k: String| {
         c.post(side.url("/api/v1/meter"))
-            .bearer_auth(&key)
+            .bearer_auth(key)
             .header("Idempotency-Key", k)
             .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
             .send()
     };
+    let post = |k: String| post_as(key.clone(), k);
     let started = Instant::now();
     let (held, other) = tokio::join!(post("held".into()), async {
         // Only once the held request has the connection and waits on the lock.
@@ -187,7 +191,7 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
             (n > 0).then_some(())
         })
         .await;
-        post(idem()).await
+        post_as(key2.clone(), idem()).await
     });
     let held = held.unwrap();
     assert_eq!(held.status(), 503);

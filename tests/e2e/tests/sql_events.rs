@@ -426,3 +426,47 @@ async fn typed_timestamps_and_the_dba_entry_point() {
         "PM041"
     );
 }
+
+/// The fingerprint is computed in Rust from its own spelling of the metadata;
+/// it must be the one PostgreSQL's text of the stored jsonb gives (0.1 and 0.2
+/// computed it from that text, and a replay compares against stored ones).
+#[tokio::test]
+async fn fingerprints_are_those_of_postgresqls_text_of_the_metadata() {
+    let (_db, pg) = TestDb::with_admin().await;
+    pg.run("SELECT meter.upsert_organization('acme', 'Acme', 'a@b.io')")
+        .await;
+    let tricky = [
+        r#"{}"#,
+        r#"{"b": 1, "a": 2, "ccc": 3, "dd": 4}"#,
+        r#"{"n": 1.50, "e": 1e3, "z": -0, "big": 12345678901234567890123, "small": 0.1e-2, "E": 1E+2}"#,
+        r#"{"s": "tab\there\nnew \"quoted\" back\\slash \u0001 \u001f \u007f é 😀 \u2028"}"#,
+        r#"{"t": true, "f": false, "k\"ey": "v", "ключ": "значение"}"#,
+    ];
+    for (i, m) in tricky.iter().enumerate() {
+        let events = format!(
+            r#"[{{"idempotency_key": "k{i}", "event_name": "e", "event_timestamp": "2026-01-01T00:00:00.123456Z", "metadata": {m}}}]"#
+        );
+        let status: String = pg
+            .query_one(
+                "SELECT status FROM meter.record_events_for_org('acme', $1::text::jsonb)",
+                &[&events],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(status, "recorded", "{m}");
+    }
+    let mismatched: Vec<String> = pg
+        .column(
+            "SELECT metadata::text FROM meter.meter_event
+             WHERE payload_hash <> sha256(convert_to(event_name || chr(31)
+                   || (extract(epoch FROM event_timestamp) * 1000000)::bigint || chr(31) || metadata::text, 'UTF8'))",
+        )
+        .await;
+    assert!(
+        mismatched.is_empty(),
+        "fingerprints differ for {mismatched:?}"
+    );
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
+    assert_eq!(n, tricky.len() as i64);
+}

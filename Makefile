@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 
-.PHONY: up down test deps build install-extension clean bench fuzz
+.PHONY: up down test test-containers test-citus deps build install-extension clean bench fuzz
 
 deps:
 	@scripts/deps.sh
@@ -25,6 +25,13 @@ down:
 test: deps
 	@scripts/test.sh
 
+# Parts of make test on their own (make test runs both).
+test-containers: deps
+	@tests/containers/run.sh
+
+test-citus: deps
+	@PM_ONLY=citus scripts/test.sh
+
 clean: down
 	scripts/cluster.sh destroy dev
 	scripts/cluster.sh destroy test
@@ -33,6 +40,8 @@ clean: down
 # Benchmarks (not tests): write their figures into BENCHMARKS.md.
 bench: deps
 	tests/bench/ingest.sh
+	tests/bench/batch.sh
+	tests/bench/sustained.sh max 600 14
 	tests/bench/drain.sh
 	tests/bench/reconcile.sh
 

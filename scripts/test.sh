@@ -16,6 +16,7 @@ on_exit() {
         scripts/cluster.sh log test
     fi
     scripts/cluster.sh stop test || true
+    scripts/citus.sh stop >/dev/null 2>&1 || true
     exit $rc
 }
 trap on_exit EXIT
@@ -50,14 +51,6 @@ for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:55480/v1/events/ &
     { kill $EMU; exit 1; }
 kill $EMU
 
-step "docker/compose.yaml"
-if docker compose version >/dev/null 2>&1; then
-    docker compose -f docker/compose.yaml config -q && echo "docker compose config: valid"
-else
-    echo "the docker compose plugin is not installed: checking the file's structure instead"
-    .pm/venv/bin/python -c 'import yaml' 2>/dev/null || .pm/venv/bin/pip install -q pyyaml
-    .pm/venv/bin/python docker/check_compose.py
-fi
 fi
 
 step "install the extension"
@@ -98,7 +91,28 @@ extension/tests/isolation/mutations.sh "$PM_PG_PORT" pm_template
 step "end-to-end suites"
 cargo build -p polar-meterd -p polar-emulator
 if [ -n "${PM_ONLY:-}" ]; then
-    for suite in $PM_ONLY; do cargo test -p pm-e2e --test "$suite" -- --nocapture; done
+    for suite in $PM_ONLY; do
+        [ "$suite" = citus ] || cargo test -p pm-e2e --test "$suite" -- --nocapture
+    done
 else
     cargo test -p pm-e2e
+fi
+
+# PM_ONLY runs Citus only when it names it; PM_SKIP_CITUS=1 skips it.
+if { [ -z "${PM_ONLY:-}" ] && [ -z "${PM_SKIP_CITUS:-}" ]; } || [[ " ${PM_ONLY:-} " == *" citus "* ]]; then
+    step "Citus: a coordinator and two workers, the extension distributed, the suites that matter most"
+    CITUS_PORT=55460
+    scripts/citus.sh build
+    scripts/citus.sh destroy
+    scripts/citus.sh start $CITUS_PORT pm_citus
+    psql -h 127.0.0.1 -p $CITUS_PORT -U postgres -X -q -v ON_ERROR_STOP=1 -d pm_citus \
+        -c "CREATE EXTENSION pg_cron" -c "CREATE EXTENSION polar_meter" -c "SELECT * FROM meter.citus_distribute()"
+    # One database for every test (see citus.rs): one test at a time.
+    PM_CITUS_PORT=$CITUS_PORT PM_CITUS_DB=pm_citus cargo test -p pm-e2e --test citus -- --test-threads=1 --nocapture
+    scripts/citus.sh stop
+fi
+
+if [ -z "${PM_ONLY:-}" ] && [ -z "${PM_SKIP_CONTAINERS:-}" ]; then
+    step "containers: images built, the compose stack run"
+    tests/containers/run.sh
 fi

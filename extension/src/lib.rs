@@ -55,4 +55,5 @@ pgrx::extension_sql_file!("drift.sql", name = "drift", requires = ["outbox"]);
 pgrx::extension_sql_file!("reconcile.sql", name = "reconcile", requires = ["drift"]);
 pgrx::extension_sql_file!("health.sql", name = "health", requires = ["reconcile"]);
 pgrx::extension_sql_file!("schedules.sql", name = "schedules", requires = ["health"]);
+pgrx::extension_sql_file!("citus.sql", name = "citus", requires = ["schedules"]);
 pgrx::extension_sql_file!("../../sql/grants.sql", name = "grants", finalize);

@@ -46,6 +46,20 @@ AS $$
 DECLARE
     v_now timestamptz := now();
 BEGIN
+    IF meter._distributed() THEN
+        -- Citus cannot run a recursive CTE across shards: each shard groups
+        -- its own organizations and the coordinator merges.
+        RETURN QUERY
+        SELECT d.org, d.due
+        FROM (SELECT e.organization_id AS org, min(e.next_attempt_at) AS due FROM meter.meter_event e
+              WHERE e.polar_status IN ('pending', 'failed', 'in_flight')
+              GROUP BY e.organization_id) d
+        JOIN meter.organization o ON o.id = d.org AND o.polar_customer_id IS NOT NULL
+        WHERE d.due <= v_now
+        ORDER BY d.due
+        LIMIT max_orgs;
+        RETURN;
+    END IF;
     RETURN QUERY
     -- A skip scan over meter_event_due: one index probe per organization,
     -- however long one organization's backlog is.

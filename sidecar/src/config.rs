@@ -32,6 +32,13 @@ pub enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Exit 0 if this host's polar-meterd answers GET /readyz with 200, else 1: a
+    /// container health check (the image has no curl).
+    Ready {
+        /// The URL to ask; default: /readyz on loopback at POLAR_METER_LISTEN's port.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

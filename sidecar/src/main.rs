@@ -299,6 +299,31 @@ async fn reload_on_sighup(
     }
 }
 
+/// The health check: this host's /readyz over loopback. The certificate is not
+/// checked (it names the public host, not 127.0.0.1); only the status matters.
+async fn ready(cfg: &Config, url: Option<String>) -> Result<(), String> {
+    let scheme = if cfg.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = url.unwrap_or_else(|| format!("{scheme}://127.0.0.1:{}/readyz", cfg.listen.port()));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .danger_accept_invalid_certs(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let r = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    match r.status().as_u16() {
+        200 => Ok(()),
+        s => Err(format!("{url} answered {s}")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let one_shot = !matches!(cli.command, None | Some(Command::Serve));
@@ -316,6 +341,7 @@ fn main() -> ExitCode {
                 window_hours,
                 full,
             } => reconcile(cli.config, window_end, window_hours, full).await,
+            Command::Ready { url } => ready(&cli.config, url).await,
         }
     });
     match result {

@@ -97,6 +97,8 @@ codes! {
         "set_schedule names a job polar_meter does not have";
     SCHEDULE_EXPR = "PM071", 400, "invalid-schedule", "Invalid schedule",
         "the schedule is missing";
+    CITUS_MISSING = "PM072", 409, "citus-missing", "Citus is not installed",
+        "citus_distribute was called in a database without the citus extension";
 }
 
 /// The declared cause of a code, if any.

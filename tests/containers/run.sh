@@ -15,12 +15,13 @@ PROJECT=pm-test
 BASE=localhost/polar-meter-base:bookworm
 export PM_BASE_IMAGE=$BASE PM_ARTIFACTS=prebuilt PM_IMAGE_PREFIX=localhost/polar-meter PM_TAG=test
 export PM_PG_PORT=55499 PM_API_PORT=58787 PM_EMULATOR_PORT=58788
+export CONTAINERS_CONF=$PWD/tests/containers/containers.conf
 COMPOSE=(podman-compose -p $PROJECT -f docker/compose.yaml -f docker/compose.emulator.yaml)
 
 step "podman"
 if ! command -v podman >/dev/null || ! command -v podman-compose >/dev/null || ! command -v debootstrap >/dev/null; then
     apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman podman-compose debootstrap uidmap >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman podman-compose debootstrap uidmap runc >/dev/null
 fi
 if ! podman info >/dev/null 2>&1; then
     echo "SKIPPED: no container engine can run here: $(podman info 2>&1 | tail -n 1)"
@@ -31,7 +32,9 @@ step "a local Debian bookworm base image ($BASE)"
 if ! podman image exists $BASE; then
     root=$(mktemp -d)
     debootstrap --variant=minbase --include=ca-certificates bookworm "$root" http://deb.debian.org/debian >/dev/null
-    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    # What a container never reads: package caches, documentation, manuals, locales.
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
+        "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/locale/*
     tar -C "$root" -c . | podman import - $BASE >/dev/null
     rm -rf "$root"
 fi
@@ -61,7 +64,7 @@ ready || { "${COMPOSE[@]}" logs; echo "polar-meterd never became ready" >&2; exi
 echo "readyz: $(ready)"
 
 step "an event through polar-meterd reaches the emulator"
-pg() { podman exec ${PROJECT}_postgres_1 psql -X -qtA -h /var/run/postgresql -U postgres -d polar_meter -c "$1"; }
+pg() { podman exec -u postgres ${PROJECT}_postgres_1 psql -X -qtA -h /var/run/postgresql -U postgres -d polar_meter -c "$1"; }
 pg "SELECT id FROM meter.upsert_organization('acme', 'Acme Inc', 'billing@acme.io')"
 KEY=$(pg "SELECT key FROM meter.create_api_key('acme', 'containers')")
 TS=$(date -u -d '-1 minute' +%Y-%m-%dT%H:%M:%SZ)
@@ -92,12 +95,9 @@ echo "$denied" | grep -q "permission denied" || { echo "polar_meterd could read 
 echo "polar_meterd cannot read the tables"
 
 step "image sizes"
-{
-    echo "| image | size |"
-    echo "|---|---|"
-    for i in postgres meterd emulator; do
-        echo "| \`polar-meter/$i\` | $(podman image inspect -f '{{.Size}}' localhost/polar-meter/$i:test | awk '{printf "%.0f MB", $1/1e6}') |"
-    done
-} | tee "$(mktemp)" >/tmp/pm-image-sizes.md
-cat /tmp/pm-image-sizes.md
+echo "| image | size |"
+echo "|---|---|"
+for i in postgres meterd emulator; do
+    echo "| \`polar-meter/$i\` | $(podman image inspect -f '{{.Size}}' localhost/polar-meter/$i:test | awk '{printf "%.0f MB", $1/1e6}') |"
+done
 echo "containers: all checks passed"

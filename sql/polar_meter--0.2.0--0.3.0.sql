@@ -1763,6 +1763,20 @@ AS $$
 DECLARE
     v_now timestamptz := now();
 BEGIN
+    IF meter._distributed() THEN
+        -- Citus cannot run a recursive CTE across shards: each shard groups
+        -- its own organizations and the coordinator merges.
+        RETURN QUERY
+        SELECT d.org, d.due
+        FROM (SELECT e.organization_id AS org, min(e.next_attempt_at) AS due FROM meter.meter_event e
+              WHERE e.polar_status IN ('pending', 'failed', 'in_flight')
+              GROUP BY e.organization_id) d
+        JOIN meter.organization o ON o.id = d.org AND o.polar_customer_id IS NOT NULL
+        WHERE d.due <= v_now
+        ORDER BY d.due
+        LIMIT max_orgs;
+        RETURN;
+    END IF;
     RETURN QUERY
     -- A skip scan over meter_event_due: one index probe per organization,
     -- however long one organization's backlog is.
@@ -2952,6 +2966,77 @@ COMMENT ON FUNCTION meter.unschedule_jobs() IS
   'Removes the polar_meter jobs from pg_cron; run it before DROP EXTENSION polar_meter. Returns how many were removed.';
 
 -- extension/src/lib.rs:58
+-- requires:
+--   schedules
+
+-- Running on Citus. The schema is already shaped for it: every primary or
+-- unique key of a per-organization table starts with organization_id, the
+-- audit chain and its counter are per organization, and no hot-path
+-- statement touches two organizations. meter.citus_distribute() turns that
+-- into a distribution, once, on the coordinator.
+
+CREATE OR REPLACE FUNCTION meter._distributed() RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RETURN false;
+    END IF;
+    -- Only reached with Citus installed: pg_dist_partition exists then.
+    RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = 'meter.meter_event'::regclass);
+END
+$$;
+COMMENT ON FUNCTION meter._distributed() IS
+  'Internal: is meter_event distributed by Citus (meter.citus_distribute)? A few statements take another form there.';
+
+CREATE OR REPLACE FUNCTION meter.citus_distribute() RETURNS TABLE (table_name text, distribution text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- Small, read on every call, written rarely: a copy on every node.
+    v_reference text[] := ARRAY['setting_value', 'organization', 'api_key', 'polar_budget',
+                                'audit_chain_legacy', 'reconcile_run'];
+    -- Per organization: one shard each, all co-located with meter_event, so
+    -- an organization's event, audit row, chain head and alerts are written
+    -- on one worker in one transaction.
+    v_distributed text[] := ARRAY['meter_event', 'api_key_usage', 'audit_log', 'audit_chain', 'alert_state',
+                                  'alert', 'reconcile_count', 'reconcile_remote', 'reconcile_finding',
+                                  'reconcile_dirty'];
+    t text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM072', MESSAGE = 'citus is not installed in this database: CREATE EXTENSION citus first';
+    END IF;
+    -- The append-only, no-delete and no-truncate triggers are the point of
+    -- these tables; Citus keeps triggers on distributed tables only when told.
+    PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    FOREACH t IN ARRAY v_reference LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = format('meter.%I', t)::regclass) THEN
+            PERFORM create_reference_table(format('meter.%I', t));
+        END IF;
+        table_name := t;
+        distribution := 'reference';
+        RETURN NEXT;
+    END LOOP;
+    FOREACH t IN ARRAY v_distributed LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = format('meter.%I', t)::regclass) THEN
+            PERFORM create_distributed_table(format('meter.%I', t), 'organization_id',
+                colocate_with => CASE WHEN t = 'meter_event' THEN 'default' ELSE 'meter.meter_event' END);
+        END IF;
+        table_name := t;
+        distribution := 'by organization_id, co-located with meter_event';
+        RETURN NEXT;
+    END LOOP;
+    PERFORM meter._audit('', 'citus.distributed', NULL,
+        jsonb_build_object('reference', v_reference, 'distributed', v_distributed));
+END
+$$;
+COMMENT ON FUNCTION meter.citus_distribute() IS
+  'On a Citus coordinator (CREATE EXTENSION citus, workers added, then this, once): makes the small tables reference tables and distributes every per-organization table by organization_id, co-located, so that an organization''s writes go to one worker in a single-shard transaction. Idempotent; lists what it did. PM072 without citus.';
+
+-- extension/src/lib.rs:59
 -- finalize
 -- Least privilege (loaded last, pgrx `finalize`; an upgrade script re-runs it).
 --

@@ -7,7 +7,7 @@
 #                                     DB on all three with citus (and pg_cron on the coordinator)
 #   scripts/citus.sh stop|destroy
 # CITUS_SRC is where the Citus source is: a directory holding a
-# citus-*-src*.tar.gz and, for PostgreSQL 15.20, its patch (default ../shared/citus).
+# citus-*-src*.tar.gz and, for PostgreSQL 15.20, its patch (default below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=/usr/lib/postgresql/15/bin
@@ -45,9 +45,18 @@ start() {
         if [ ! -f "$d/data/PG_VERSION" ]; then
             install -d -o postgres -g postgres "$PWD/.pm" "$d"
             runuser -u postgres -- $B/initdb -D "$d/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C >/dev/null
+            # Citus turns TLS on with a self-made X.509 v1 certificate when it
+            # finds none; rustls (polar-meterd) refuses v1, as should anyone
+            # deploying it. A v3 certificate, as a real deployment has.
+            openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=127.0.0.1" \
+                -addext "subjectAltName=IP:127.0.0.1" \
+                -keyout "$d/data/server.key" -out "$d/data/server.crt" 2>/dev/null
+            chown postgres:postgres "$d/data/server.key" "$d/data/server.crt"
+            chmod 600 "$d/data/server.key"
             {
                 echo "listen_addresses = '127.0.0.1'"
                 echo "port = $p"
+                echo "ssl = on"
                 echo "unix_socket_directories = '$d'"
                 if [ $i = 0 ]; then
                     echo "shared_preload_libraries = 'citus, pg_cron'"

@@ -105,8 +105,11 @@ if { [ -z "${PM_ONLY:-}" ] && [ -z "${PM_SKIP_CITUS:-}" ]; } || [[ " ${PM_ONLY:-
     scripts/citus.sh build
     scripts/citus.sh destroy
     scripts/citus.sh start $CITUS_PORT pm_citus
+    # pg_cron lives on the coordinator only: its CREATE EXTENSION is kept
+    # from the workers, polar_meter's is not (Citus needs it on every node).
     psql -h 127.0.0.1 -p $CITUS_PORT -U postgres -X -q -v ON_ERROR_STOP=1 -d pm_citus \
-        -c "CREATE EXTENSION pg_cron" -c "CREATE EXTENSION polar_meter" -c "SELECT * FROM meter.citus_distribute()"
+        -c "SET citus.enable_ddl_propagation = off" -c "CREATE EXTENSION pg_cron" -c "RESET citus.enable_ddl_propagation" \
+        -c "CREATE EXTENSION polar_meter" -c "SELECT * FROM meter.citus_distribute()"
     # One database for every test (see citus.rs): one test at a time.
     PM_CITUS_PORT=$CITUS_PORT PM_CITUS_DB=pm_citus cargo test -p pm-e2e --test citus -- --test-threads=1 --nocapture
     scripts/citus.sh stop

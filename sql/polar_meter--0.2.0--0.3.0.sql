@@ -713,8 +713,11 @@ BEGIN
     UPDATE meter.audit_log a SET seq = u.seq, prev_hash = u.prev, row_hash = u.hash
     FROM unnest(v_ids, v_seqs, v_prevs, v_hashes) AS u(id, seq, prev, hash)
     WHERE a.organization_id = org_id AND a.id = u.id;
-    UPDATE meter.audit_chain c SET last_seq = v_seqs[cardinality(v_seqs)], last_hash = v_hashes[cardinality(v_hashes)],
-        sealed_at = v_now
+    -- The new head into scalars first: Citus crashes deparsing an array
+    -- subscript of a parameter inside an UPDATE of a distributed table.
+    v_seq := v_seqs[cardinality(v_seqs)];
+    v_hash := v_hashes[cardinality(v_hashes)];
+    UPDATE meter.audit_chain c SET last_seq = v_seq, last_hash = v_hash, sealed_at = v_now
     WHERE c.organization_id = org_id;
     RETURN cardinality(v_ids);
 END
@@ -1544,6 +1547,9 @@ DECLARE
     v_skeys     text[];
     v_sids      uuid[];
     v_shashes   bytea[];
+    -- For the Citus form, one item at a time.
+    v_customer  text;
+    r_i int; r_k text; r_n text; r_ts timestamptz; r_h bytea; r_x text; r_id uuid; r_meta jsonb; r_due timestamptz;
 BEGIN
     SELECT * INTO v_violation, v_idx, v_keys, v_names, v_ts, v_codes, v_msgs, v_hashes, v_xids, v_ids, v_firsts, v_valid
     FROM meter._prepare_batch(org_id, events, v_now, v_skew);
@@ -1556,31 +1562,62 @@ BEGIN
     -- order and cannot deadlock). Each item's id is drawn beforehand, so which
     -- rows this call inserted is read back below without RETURNING. An event
     -- is not due before its own timestamp: Polar refuses events from its future.
-    INSERT INTO meter.meter_event (organization_id, id, api_key_id, idempotency_key, event_name, event_timestamp,
-                                   metadata, payload_hash, external_id, polar_customer_id, next_attempt_at)
-    SELECT org_id, u.id, api_key_id, u.k, u.n, u.ts, coalesce(events -> u.i -> 'metadata', '{}'), u.h, u.x,
-           (SELECT o.polar_customer_id FROM meter.organization o WHERE o.id = org_id), greatest(v_now, u.ts)
-    FROM unnest(v_idx, v_keys, v_names, v_ts, v_hashes, v_xids, v_ids, v_firsts) AS u(i, k, n, ts, h, x, id, first)
-    WHERE u.first
-    ORDER BY u.k
-    ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING;
+    IF NOT meter._distributed() THEN
+        INSERT INTO meter.meter_event (organization_id, id, api_key_id, idempotency_key, event_name, event_timestamp,
+                                       metadata, payload_hash, external_id, polar_customer_id, next_attempt_at)
+        SELECT org_id, u.id, api_key_id, u.k, u.n, u.ts, coalesce(events -> u.i -> 'metadata', '{}'), u.h, u.x,
+               (SELECT o.polar_customer_id FROM meter.organization o WHERE o.id = org_id), greatest(v_now, u.ts)
+        FROM unnest(v_idx, v_keys, v_names, v_ts, v_hashes, v_xids, v_ids, v_firsts) AS u(i, k, n, ts, h, x, id, first)
+        WHERE u.first
+        ORDER BY u.k
+        ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING;
 
-    -- A new statement, so rows a concurrent transaction committed while the
-    -- INSERT waited on them are visible (READ COMMITTED). What each key holds
-    -- now, and one audit row for each event this call inserted.
-    WITH held AS (
-        SELECT e.idempotency_key AS k, e.id, e.payload_hash AS h
+        -- A new statement, so rows a concurrent transaction committed while the
+        -- INSERT waited on them are visible (READ COMMITTED). What each key holds
+        -- now, and one audit row for each event this call inserted.
+        WITH held AS (
+            SELECT e.idempotency_key AS k, e.id, e.payload_hash AS h
+            FROM meter.meter_event e
+            WHERE e.organization_id = org_id
+              AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_firsts) AS u(k, first) WHERE u.first))
+        ), audited AS (
+            INSERT INTO meter.audit_log (organization_id, action, subject, detail)
+            SELECT org_id, 'event.recorded', held.id::text,
+                   jsonb_build_object('idempotency_key', held.k, 'payload_hash', encode(held.h, 'hex'))
+            FROM held JOIN unnest(v_ids) AS mine(id) ON mine.id = held.id
+            ORDER BY held.k
+        )
+        SELECT array_agg(held.k), array_agg(held.id), array_agg(held.h) INTO v_skeys, v_sids, v_shashes FROM held;
+    ELSE
+        -- The same steps in the form Citus routes to the organization's
+        -- worker as they are: single-row INSERT ... VALUES and plain reads.
+        -- (An INSERT ... SELECT from unnest, or a CTE used twice, would go
+        -- through the coordinator to both workers and need two-phase commit.)
+        v_customer := (SELECT o.polar_customer_id FROM meter.organization o WHERE o.id = org_id);
+        FOR r_i, r_k, r_n, r_ts, r_h, r_x, r_id IN
+            SELECT u.i, u.k, u.n, u.ts, u.h, u.x, u.id
+            FROM unnest(v_idx, v_keys, v_names, v_ts, v_hashes, v_xids, v_ids, v_firsts) AS u(i, k, n, ts, h, x, id, first)
+            WHERE u.first ORDER BY u.k
+        LOOP
+            r_meta := coalesce(events -> r_i -> 'metadata', '{}');
+            r_due := greatest(v_now, r_ts);
+            INSERT INTO meter.meter_event (organization_id, id, api_key_id, idempotency_key, event_name, event_timestamp,
+                                           metadata, payload_hash, external_id, polar_customer_id, next_attempt_at)
+            VALUES (org_id, r_id, api_key_id, r_k, r_n, r_ts, r_meta, r_h, r_x, v_customer, r_due)
+            ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING;
+        END LOOP;
+        v_skeys := ARRAY(SELECT u.k FROM unnest(v_keys, v_firsts) AS u(k, first) WHERE u.first);
+        SELECT array_agg(e.idempotency_key), array_agg(e.id), array_agg(e.payload_hash) INTO v_skeys, v_sids, v_shashes
         FROM meter.meter_event e
-        WHERE e.organization_id = org_id
-          AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_firsts) AS u(k, first) WHERE u.first))
-    ), audited AS (
-        INSERT INTO meter.audit_log (organization_id, action, subject, detail)
-        SELECT org_id, 'event.recorded', held.id::text,
-               jsonb_build_object('idempotency_key', held.k, 'payload_hash', encode(held.h, 'hex'))
-        FROM held JOIN unnest(v_ids) AS mine(id) ON mine.id = held.id
-        ORDER BY held.k
-    )
-    SELECT array_agg(held.k), array_agg(held.id), array_agg(held.h) INTO v_skeys, v_sids, v_shashes FROM held;
+        WHERE e.organization_id = org_id AND e.idempotency_key = ANY (v_skeys);
+        FOR r_k, r_id, r_h IN
+            SELECT s.k, s.id, s.h FROM unnest(v_skeys, v_sids, v_shashes) AS s(k, id, h)
+            WHERE s.id = ANY (v_ids) ORDER BY s.k
+        LOOP
+            PERFORM meter._audit(org_id, 'event.recorded', r_id::text,
+                jsonb_build_object('idempotency_key', r_k, 'payload_hash', encode(r_h, 'hex')));
+        END LOOP;
+    END IF;
 
     IF coalesce(cardinality(v_skeys), 0) < v_valid THEN
         -- Only under REPEATABLE READ or SERIALIZABLE can a winner be invisible.
@@ -3012,6 +3049,16 @@ BEGIN
     -- The append-only, no-delete and no-truncate triggers are the point of
     -- these tables; Citus keeps triggers on distributed tables only when told.
     PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- api_key references organization. Making organization a reference table
+    -- while api_key is still local would have Citus convert api_key to a
+    -- "citus local" table, re-creating it on workers where the extension
+    -- already created it. So the key is set aside (here and on the workers'
+    -- copies) and put back once both are reference tables.
+    IF NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = 'meter.api_key'::regclass) THEN
+        ALTER TABLE meter.api_key DROP CONSTRAINT IF EXISTS api_key_organization_id_fkey;
+        PERFORM run_command_on_workers(
+            'ALTER TABLE meter.api_key DROP CONSTRAINT IF EXISTS api_key_organization_id_fkey');
+    END IF;
     FOREACH t IN ARRAY v_reference LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = format('meter.%I', t)::regclass) THEN
             PERFORM create_reference_table(format('meter.%I', t));
@@ -3020,6 +3067,11 @@ BEGIN
         distribution := 'reference';
         RETURN NEXT;
     END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint c
+                   WHERE c.conrelid = 'meter.api_key'::regclass AND c.conname = 'api_key_organization_id_fkey') THEN
+        ALTER TABLE meter.api_key ADD CONSTRAINT api_key_organization_id_fkey
+            FOREIGN KEY (organization_id) REFERENCES meter.organization (id);
+    END IF;
     FOREACH t IN ARRAY v_distributed LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = format('meter.%I', t)::regclass) THEN
             PERFORM create_distributed_table(format('meter.%I', t), 'organization_id',

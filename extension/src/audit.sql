@@ -86,8 +86,11 @@ BEGIN
     UPDATE meter.audit_log a SET seq = u.seq, prev_hash = u.prev, row_hash = u.hash
     FROM unnest(v_ids, v_seqs, v_prevs, v_hashes) AS u(id, seq, prev, hash)
     WHERE a.organization_id = org_id AND a.id = u.id;
-    UPDATE meter.audit_chain c SET last_seq = v_seqs[cardinality(v_seqs)], last_hash = v_hashes[cardinality(v_hashes)],
-        sealed_at = v_now
+    -- The new head into scalars first: Citus crashes deparsing an array
+    -- subscript of a parameter inside an UPDATE of a distributed table.
+    v_seq := v_seqs[cardinality(v_seqs)];
+    v_hash := v_hashes[cardinality(v_hashes)];
+    UPDATE meter.audit_chain c SET last_seq = v_seq, last_hash = v_hash, sealed_at = v_now
     WHERE c.organization_id = org_id;
     RETURN cardinality(v_ids);
 END

@@ -41,6 +41,16 @@ BEGIN
     -- The append-only, no-delete and no-truncate triggers are the point of
     -- these tables; Citus keeps triggers on distributed tables only when told.
     PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    -- api_key references organization. Making organization a reference table
+    -- while api_key is still local would have Citus convert api_key to a
+    -- "citus local" table, re-creating it on workers where the extension
+    -- already created it. So the key is set aside (here and on the workers'
+    -- copies) and put back once both are reference tables.
+    IF NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = 'meter.api_key'::regclass) THEN
+        ALTER TABLE meter.api_key DROP CONSTRAINT IF EXISTS api_key_organization_id_fkey;
+        PERFORM run_command_on_workers(
+            'ALTER TABLE meter.api_key DROP CONSTRAINT IF EXISTS api_key_organization_id_fkey');
+    END IF;
     FOREACH t IN ARRAY v_reference LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = format('meter.%I', t)::regclass) THEN
             PERFORM create_reference_table(format('meter.%I', t));
@@ -49,6 +59,11 @@ BEGIN
         distribution := 'reference';
         RETURN NEXT;
     END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint c
+                   WHERE c.conrelid = 'meter.api_key'::regclass AND c.conname = 'api_key_organization_id_fkey') THEN
+        ALTER TABLE meter.api_key ADD CONSTRAINT api_key_organization_id_fkey
+            FOREIGN KEY (organization_id) REFERENCES meter.organization (id);
+    END IF;
     FOREACH t IN ARRAY v_distributed LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_dist_partition p WHERE p.logicalrelid = format('meter.%I', t)::regclass) THEN
             PERFORM create_distributed_table(format('meter.%I', t), 'organization_id',

@@ -53,6 +53,14 @@ impl Target {
         t
     }
 
+    /// The same target under application_name `polar-meterd <role>`, so that
+    /// pg_stat_activity (and Citus' transaction records) tell the pools apart.
+    pub fn named(&self, role: &str) -> Self {
+        let mut t = self.clone();
+        t.config.application_name(&format!("polar-meterd {role}"));
+        t
+    }
+
     pub fn pool(&self, size: usize, wait: Duration) -> Result<Pool, String> {
         let mgr = Manager::from_config(
             self.config.clone(),
@@ -109,6 +117,7 @@ impl Pools {
         pool_wait: Duration,
     ) -> Result<Self, String> {
         let requests = target
+            .named("requests")
             .with_setting(
                 "statement_timeout",
                 &statement_timeout.as_millis().to_string(),
@@ -117,6 +126,7 @@ impl Pools {
         // Long calls live here (a 1M-event reconcile_finish takes seconds),
         // apart from requests, under a bound of their own.
         let background = target
+            .named("background")
             .with_setting(
                 "statement_timeout",
                 &background_statement_timeout.as_millis().to_string(),

@@ -187,7 +187,7 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
         let watcher = db.admin().await;
         eventually(5, "the request waiting on the held key", || async {
             let n: i64 = watcher
-                .value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd' AND wait_event_type = 'Lock'").await;
+                .value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd requests' AND wait_event_type = 'Lock'").await;
             (n > 0).then_some(())
         })
         .await;

@@ -44,6 +44,7 @@ bench: deps
 	tests/bench/sustained.sh max 600 14
 	tests/bench/drain.sh
 	tests/bench/reconcile.sh
+	tests/bench/citus.sh
 
 # The long hostile-input runs (make test runs 20k property cases and 10k requests).
 fuzz: deps

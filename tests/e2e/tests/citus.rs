@@ -10,8 +10,8 @@
 //! and leaves none of its events undelivered; the suite runs one test at a
 //! time (scripts/test.sh). Without PM_CITUS_PORT it has nothing to run on.
 use pm_e2e::{
-    connect_port, eventually, http, idem, now_rfc3339, record_many, Emulator, Fetch, Sidecar,
-    Value1,
+    connect_port, eventually, http, idem, now_rfc3339, record_many, sqlstate, Emulator, Fetch,
+    Sidecar, Value1,
 };
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -169,6 +169,32 @@ async fn the_tables_are_distributed_by_organization_and_co_located() {
         )
         .await;
     assert_eq!(groups, 1, "every per-organization table is co-located");
+
+    // The guards travel with the rows: refused on the shards as on one node.
+    let (org, _) = c.org().await;
+    c.pg.execute(
+        "SELECT meter.record_event_for_org($1, 'g', 'e', now())",
+        &[&org],
+    )
+    .await
+    .unwrap();
+    for (sql, code) in [
+        (
+            "DELETE FROM meter.meter_event WHERE organization_id = $1",
+            "PM041",
+        ),
+        (
+            "UPDATE meter.audit_log SET action = 'x' WHERE organization_id = $1",
+            "PM040",
+        ),
+        ("DELETE FROM meter.organization WHERE id = $1", "PM041"),
+    ] {
+        assert_eq!(sqlstate(c.pg.execute(sql, &[&org]).await), code, "{sql}");
+    }
+    assert_eq!(
+        sqlstate(c.pg.execute("TRUNCATE meter.meter_event", &[]).await),
+        "PM042"
+    );
 }
 
 #[tokio::test]

@@ -57,7 +57,7 @@ impl Target {
     /// pg_stat_activity (and Citus' transaction records) tell the pools apart.
     pub fn named(&self, role: &str) -> Self {
         let mut t = self.clone();
-        t.config.application_name(&format!("polar-meterd {role}"));
+        t.config.application_name(format!("polar-meterd {role}"));
         t
     }
 

@@ -21,6 +21,13 @@ async fn an_alert_raised_while_no_sidecar_runs_is_forwarded_once_one_starts() {
     pg.run("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
         .await;
     db.set(&pg, "provision_alert_after", "0").await;
+    // Today's reconciliation is done, so that past reconcile_overdue_hour
+    // (12 UTC) the check raises this alert only, whatever the time of day.
+    pg.run(
+        "INSERT INTO meter.reconcile_run (window_start, window_end, status, finished_at)
+         VALUES (date_trunc('day', now()) - interval '1 day', date_trunc('day', now()), 'done', now())",
+    )
+    .await;
     let stats: Value = pg.value("SELECT meter.drain_meter_outbox()").await;
     assert_eq!(stats["alerts_raised"], 1);
     let hook = Webhook::start().await;

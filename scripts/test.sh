@@ -44,10 +44,10 @@ cargo build -p polar-meterd -p polar-emulator
     apt-get install -y -q python3-venv && python3 -m venv .pm/venv
 }
 .pm/venv/bin/python -c 'import polar.v2026_04' 2>/dev/null || .pm/venv/bin/pip install -q 'polar-sdk==1.0.2'
-target/debug/polar-emulator --listen 127.0.0.1:55480 --tokens polar_oat_conformance --rate-limit 40 >/dev/null 2>&1 &
+target/debug/polar-emulator --listen 127.0.0.1:25480 --tokens polar_oat_conformance --rate-limit 40 >/dev/null 2>&1 &
 EMU=$!
-for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:55480/v1/events/ && break; sleep 0.1; done
-.pm/venv/bin/python tests/polar-emulator/conformance/sdk_conformance.py http://127.0.0.1:55480 polar_oat_conformance ||
+for _ in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:25480/v1/events/ && break; sleep 0.1; done
+.pm/venv/bin/python tests/polar-emulator/conformance/sdk_conformance.py http://127.0.0.1:25480 polar_oat_conformance ||
     { kill $EMU; exit 1; }
 kill $EMU
 
@@ -101,7 +101,9 @@ fi
 # PM_ONLY runs Citus only when it names it; PM_SKIP_CITUS=1 skips it.
 if { [ -z "${PM_ONLY:-}" ] && [ -z "${PM_SKIP_CITUS:-}" ]; } || [[ " ${PM_ONLY:-} " == *" citus "* ]]; then
     step "Citus: a coordinator and two workers, the extension distributed, the suites that matter most"
-    CITUS_PORT=55460
+    # Servers started this late get ports below Linux's ephemeral range
+    # (32768-60999), where a client connection's source port could hold them.
+    CITUS_PORT=25460
     if ! ls "${CITUS_SRC:-../shared/citus}"/citus-*src*.tar.gz >/dev/null 2>&1 &&
         [ ! -f "$($PG_CONFIG --pkglibdir)/citus.so" ]; then
         # Not a pass: said loudly, and only where Citus cannot be had at all.

@@ -12,8 +12,8 @@ cd "$(dirname "$0")/../.."
 . tests/bench/lib.sh
 SECS=${1:-15}
 ORGS=100
-PLAIN=55470
-COORD=55460
+PLAIN=25470
+COORD=25460
 OUT=$(mktemp -d)
 
 bench_build

@@ -14,7 +14,8 @@ step() { printf '\n==> containers: %s\n' "$*"; }
 PROJECT=pm-test
 BASE=localhost/polar-meter-base:bookworm
 export PM_BASE_IMAGE=$BASE PM_ARTIFACTS=prebuilt PM_IMAGE_PREFIX=localhost/polar-meter PM_TAG=test
-export PM_PG_PORT=55499 PM_API_PORT=58787 PM_EMULATOR_PORT=58788
+# Ports below the ephemeral range (32768-60999), free whatever connections are open.
+export PM_PG_PORT=25499 PM_API_PORT=25787 PM_EMULATOR_PORT=25788
 export CONTAINERS_CONF=$PWD/tests/containers/containers.conf
 COMPOSE=(podman-compose -p $PROJECT -f docker/compose.yaml -f docker/compose.emulator.yaml)
 

@@ -6,7 +6,8 @@ use pm_e2e::{connect_port, http, idem, now_rfc3339, repo_root, Sidecar};
 use serde_json::{json, Value};
 use std::process::Command;
 
-const PORT: u16 = 55439;
+// Below the ephemeral range: the cluster restarts while clients come and go.
+const PORT: u16 = 25439;
 
 fn cluster(args: &[&str]) {
     let st = Command::new(repo_root().join("scripts/cluster.sh"))

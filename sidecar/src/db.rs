@@ -54,7 +54,8 @@ impl Target {
     }
 
     /// The same target under application_name `polar-meterd <role>`, so that
-    /// pg_stat_activity (and Citus' transaction records) tell the pools apart.
+    /// pg_stat_activity tells the pools apart (the Citus suite finds the
+    /// request pool's backends by it).
     pub fn named(&self, role: &str) -> Self {
         let mut t = self.clone();
         t.config.application_name(format!("polar-meterd {role}"));

@@ -205,6 +205,16 @@ async fn recording_over_http_writes_only_on_the_organizations_worker_without_two
     let env = emu.sidecar_env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let side = c.sidecar(&env).await;
+    // pg_cron's drain raises reconcile_overdue after 12 UTC, writing an
+    // audit row on whichever worker holds organization ''. Today's run done
+    // keeps the workers' statistics to this test's own writes.
+    c.pg.execute(
+        "INSERT INTO meter.reconcile_run (window_start, window_end, status, finished_at)
+         VALUES (date_trunc('day', now()) - interval '1 day', date_trunc('day', now()), 'done', now())",
+        &[],
+    )
+    .await
+    .unwrap();
     let before = c.inserts_by_worker().await;
     let two_phase_before = c.two_phase_records().await;
     // Single events, a batch, a replay, a conflicting replay, a revoked key.
@@ -395,12 +405,13 @@ async fn reconciliation_finds_drift_injected_at_polar() {
     let side = c.sidecar(&env).await;
     record_many(&side, &[(org.clone(), key)], 300, 16).await;
     c.all_sent(&[&org], 300).await;
-    // Polar loses five of them.
+    // Polar loses five of them (this test's: the database is shared).
     let all = emu.events().await;
     let victims: Vec<Value> = all["events"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|e| e["external_customer_id"] == org.as_str())
         .take(5)
         .cloned()
         .collect();
@@ -474,8 +485,20 @@ async fn every_organizations_audit_chain_verifies_after_a_mixed_run() {
     )
     .await
     .unwrap();
-    let sealed: i32 = c.pg.value("SELECT meter.seal_audit_log()").await;
-    assert!(sealed >= 21, "sealed {sealed}");
+    // pg_cron's sealer may take some of them first: what counts is that
+    // none is left unsealed, not who sealed them.
+    c.pg.execute("SELECT meter.seal_audit_log()", &[])
+        .await
+        .unwrap();
+    let unsealed: i64 =
+        c.pg.query_one(
+            "SELECT count(*) FROM meter.audit_log WHERE organization_id = $1 AND row_hash IS NULL",
+            &[&org],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unsealed, 0, "{org}'s rows are all sealed");
     let broken: Option<String> =
         c.pg.query_one("SELECT problem FROM meter.verify_audit_chain($1)", &[&org])
             .await

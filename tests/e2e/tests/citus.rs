@@ -10,8 +10,8 @@
 //! and leaves none of its events undelivered; the suite runs one test at a
 //! time (scripts/test.sh). Without PM_CITUS_PORT it has nothing to run on.
 use pm_e2e::{
-    connect_port, eventually, http, idem, now_rfc3339, record_many, sqlstate, Emulator, Fetch,
-    Sidecar, Value1,
+    connect_port, customer_id, eventually, http, idem, now_rfc3339, record_many, sqlstate,
+    Emulator, Fetch, Sidecar, Value1,
 };
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -355,12 +355,19 @@ async fn delivery_is_exactly_once_under_faults_and_a_killed_sidecar() {
     let (a, ka) = c.org().await;
     let (b, kb) = c.org().await;
     let emu = Emulator::start(&[]).await;
-    emu.faults(json!({"error_5xx": 0.2, "rate_429": 0.1, "commit_then_drop": 0.05}))
-        .await;
     let env = emu.sidecar_env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let one = c.sidecar(&env).await;
     let two = c.sidecar(&env).await;
+    // The customers first: a failed creation waits out its backoff, and the
+    // faults are for delivery.
+    eventually(60, "both customers created", || async {
+        (customer_id(&c.pg, &a).await.is_some() && customer_id(&c.pg, &b).await.is_some())
+            .then_some(())
+    })
+    .await;
+    emu.faults(json!({"error_5xx": 0.2, "rate_429": 0.1, "commit_then_drop": 0.05}))
+        .await;
     let sent = record_many(&one, &[(a.clone(), ka), (b.clone(), kb)], 1_000, 16).await;
     // One sidecar dies mid-delivery, without reporting what it held.
     eventually(60, "delivery under way", || async {

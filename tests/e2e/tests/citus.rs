@@ -59,6 +59,25 @@ impl Citus {
         Sidecar::start_on(&self.db, self.port, env).await
     }
 
+    /// A sidecar delivering to `emu`.
+    async fn sidecar_for(&self, emu: &Emulator) -> Sidecar {
+        let env = emu.sidecar_env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.sidecar(&env).await
+    }
+
+    /// How many events `org` has recorded.
+    async fn events_of(&self, org: &str) -> i64 {
+        self.pg
+            .query_one(
+                "SELECT count(*) FROM meter.meter_event WHERE organization_id = $1",
+                &[&org],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Citus' two-phase commit records (kept: recovery is off on these nodes).
     async fn two_phase_records(&self) -> std::collections::HashSet<String> {
         self.pg
@@ -202,9 +221,7 @@ async fn recording_over_http_writes_only_on_the_organizations_worker_without_two
     let Some(c) = citus().await else { return };
     let (org, key) = c.org().await;
     let emu = Emulator::start(&[]).await;
-    let env = emu.sidecar_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let side = c.sidecar(&env).await;
+    let side = c.sidecar_for(&emu).await;
     // pg_cron's drain raises reconcile_overdue after 12 UTC, writing an
     // audit row on whichever worker holds organization ''. Today's run done
     // keeps the workers' statistics to this test's own writes.
@@ -265,14 +282,7 @@ async fn recording_over_http_writes_only_on_the_organizations_worker_without_two
             Some("https://polar-meter.dev/problems/idempotency-key-reused")
         )
     );
-    let recorded: i64 =
-        c.pg.query_one(
-            "SELECT count(*) FROM meter.meter_event WHERE organization_id = $1",
-            &[&org],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let recorded = c.events_of(&org).await;
     assert_eq!(recorded, 21);
 
     // Where the rows went: every insert on the organization's worker (21
@@ -355,10 +365,8 @@ async fn delivery_is_exactly_once_under_faults_and_a_killed_sidecar() {
     let (a, ka) = c.org().await;
     let (b, kb) = c.org().await;
     let emu = Emulator::start(&[]).await;
-    let env = emu.sidecar_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let one = c.sidecar(&env).await;
-    let two = c.sidecar(&env).await;
+    let one = c.sidecar_for(&emu).await;
+    let two = c.sidecar_for(&emu).await;
     // The customers first: a failed creation waits out its backoff, and the
     // faults are for delivery.
     eventually(60, "both customers created", || async {
@@ -407,9 +415,7 @@ async fn reconciliation_finds_drift_injected_at_polar() {
     let Some(c) = citus().await else { return };
     let (org, key) = c.org().await;
     let emu = Emulator::start(&[]).await;
-    let env = emu.sidecar_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let side = c.sidecar(&env).await;
+    let side = c.sidecar_for(&emu).await;
     record_many(&side, &[(org.clone(), key)], 300, 16).await;
     c.all_sent(&[&org], 300).await;
     // Polar loses five of them (this test's: the database is shared).
@@ -527,19 +533,10 @@ async fn every_organizations_audit_chain_verifies_after_a_mixed_run() {
     assert!(seq >= 22, "the chain holds the organization's rows ({seq})");
     // This test's events have no Polar to go to; keep them from later tests'.
     let org_ref = org.as_str();
-    let n: i64 =
-        c.pg.query_one(
-            "SELECT count(*) FROM meter.meter_event WHERE organization_id = $1",
-            &[&org_ref],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let n = c.events_of(org_ref).await;
     assert_eq!(n, 21);
     let emu = Emulator::start(&[]).await;
-    let env = emu.sidecar_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     drop(side);
-    let _deliverer = c.sidecar(&env).await;
+    let _deliverer = c.sidecar_for(&emu).await;
     c.all_sent(&[org_ref], 21).await;
 }

@@ -219,3 +219,18 @@ impl Value1 for Client {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 }
+
+/// Waits up to `secs` for reconcile run `id` to be done; its result.
+pub async fn reconcile_done(pg: &Client, id: i64, secs: u64) -> serde_json::Value {
+    eventually(secs, "the run done", || async {
+        let r = pg
+            .query_one(
+                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (r.get::<_, String>(0) == "done").then(|| r.get::<_, serde_json::Value>(1))
+    })
+    .await
+}

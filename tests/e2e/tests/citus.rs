@@ -10,8 +10,8 @@
 //! and leaves none of its events undelivered; the suite runs one test at a
 //! time (scripts/test.sh). Without PM_CITUS_PORT it has nothing to run on.
 use pm_e2e::{
-    connect_port, customer_id, eventually, http, idem, now_rfc3339, record_many, sqlstate,
-    Emulator, Fetch, Sidecar, Value1,
+    connect_port, customer_id, eventually, http, idem, now_rfc3339, reconcile_done, record_many,
+    sqlstate, Emulator, Fetch, Sidecar, Value1,
 };
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -451,17 +451,7 @@ async fn reconciliation_finds_drift_injected_at_polar() {
             "SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'full')",
         )
         .await;
-    let result: Value = eventually(120, "the run done", || async {
-        let r =
-            c.pg.query_one(
-                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap();
-        (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
-    })
-    .await;
+    let result = reconcile_done(&c.pg, id, 120).await;
     let found: std::collections::BTreeSet<String> =
         c.pg.query(
             "SELECT event_id FROM meter.reconcile_finding

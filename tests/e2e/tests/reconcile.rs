@@ -1,6 +1,8 @@
 //! Reconciliation: Polar's event list against what we recorded, per window.
 use pm_e2e::Value1;
-use pm_e2e::{eventually, http, meterd_cli, record_many, statuses, Emulator, Sidecar, TestDb};
+use pm_e2e::{
+    eventually, http, meterd_cli, reconcile_done, record_many, statuses, Emulator, Sidecar, TestDb,
+};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use tokio_postgres::Client;
@@ -51,17 +53,7 @@ async fn reconcile(d: &Day, mode: Option<&str>) -> (i64, Value) {
 
 /// Waits for run `id` to be done and returns its result.
 async fn run_done(pg: &Client, id: i64) -> Value {
-    eventually(60, "the run done", || async {
-        let r = pg
-            .query_one(
-                "SELECT status, result FROM meter.reconcile_run WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap();
-        (r.get::<_, String>(0) == "done").then(|| r.get::<_, Value>(1))
-    })
-    .await
+    reconcile_done(pg, id, 60).await
 }
 
 async fn audit_count(pg: &Client, action: &str) -> i64 {

@@ -2,8 +2,9 @@
 //! set-based recording in events.sql: the batch is checked, fingerprinted and
 //! given its ids here in one pass, every timestamp is parsed here once, and
 //! SQL only touches rows.
+use pgrx::callconv::{Arg, ArgAbi};
+use pgrx::nullable::Nullable;
 use pgrx::prelude::*;
-use pgrx::JsonB;
 use polar_meter_rules::{batch, ids, validate};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -11,6 +12,49 @@ pub(crate) const PG_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
 
 pub(crate) fn unix_us(t: TimestampWithTimeZone) -> i64 {
     i64::from(t).saturating_add(PG_EPOCH_UNIX_US)
+}
+
+/// A `jsonb` batch argument, read by batch::parse rather than pgrx's JsonB:
+/// JsonB's conversion fails the whole call (XX000) on nesting deeper than
+/// serde_json's limit, where one deep item must fail alone.
+pub(crate) struct BatchJson(serde_json::Value);
+
+impl_sql_translatable!(BatchJson, arg_only = "jsonb");
+
+impl FromDatum for BatchJson {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // jsonb_out detoasts, and writes valid JSON (UTF-8 in a UTF-8
+        // database; pgrx's JsonB assumes the same).
+        let text = unsafe {
+            pgrx::direct_function_call::<&core::ffi::CStr>(pg_sys::jsonb_out, &[Some(datum)])
+        }?;
+        let parsed = text
+            .to_str()
+            .map_err(|e| e.to_string())
+            .and_then(|t| batch::parse(t).map_err(|e| e.to_string()));
+        Some(BatchJson(parsed.unwrap_or_else(|e| {
+            error!("jsonb_out gave text serde_json cannot read: {e}")
+        })))
+    }
+}
+
+unsafe impl<'fcx> ArgAbi<'fcx> for BatchJson {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        unsafe { arg.unbox_arg_using_from_datum() }
+            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        unsafe { arg.unbox_arg_using_from_datum() }.into()
+    }
 }
 
 /// A whole batch of one organization, prepared in one Rust pass
@@ -25,7 +69,7 @@ pub(crate) fn unix_us(t: TimestampWithTimeZone) -> i64 {
 #[pg_extern(immutable, parallel_safe)]
 fn _prepare_batch(
     org_id: &str,
-    events: Option<JsonB>,
+    events: Option<BatchJson>,
     now: TimestampWithTimeZone,
     max_skew_us: i64,
 ) -> TableIterator<

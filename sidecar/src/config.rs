@@ -134,6 +134,12 @@ pub struct Config {
     #[arg(long, env = "POLAR_METER_BATCH_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub batch_max_body_bytes: usize,
 
+    /// Batch requests read, parsed and recorded at once; more wait (up to
+    /// POLAR_METER_POOL_WAIT_MS, then 503) before their body is read. Bounds the
+    /// memory batches take: each holds its body and parsed events, a few MiB at 1000.
+    #[arg(long, env = "POLAR_METER_BATCH_CONCURRENCY", default_value_t = 4)]
+    pub batch_concurrency: usize,
+
     /// Seconds a client has to send a request's headers (HTTP/1.1; also the TLS handshake).
     #[arg(long, env = "POLAR_METER_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub header_timeout_secs: u64,

@@ -17,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
+use tokio_postgres::types::Json;
 
 use crate::db::DbError;
 use crate::metrics::Metrics;
@@ -98,9 +99,8 @@ impl Recorder {
     async fn call(&self, key: &str, events: &[Value]) -> Result<Vec<Outcome>, DbError> {
         let c = self.pool.get().await?;
         let stmt = c.prepare_cached(RECORD_EVENTS).await?;
-        let rows = c
-            .query(&stmt, &[&key, &Value::Array(events.to_vec())])
-            .await?;
+        // Json serialises the borrowed events: no copy of a batch is made.
+        let rows = c.query(&stmt, &[&key, &Json(events)]).await?;
         if rows.len() != events.len() {
             return Err(DbError::Internal(format!(
                 "record_events answered {} rows for {} events",

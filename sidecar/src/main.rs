@@ -205,10 +205,12 @@ async fn serve(cfg: Config) -> Result<(), String> {
             metrics,
         ),
         health: j.polar.as_ref().map(|_| j.health.clone()),
+        batch_slots: tokio::sync::Semaphore::new(cfg.batch_concurrency.max(1)),
         limits: Limits {
             max_body_bytes: cfg.max_body_bytes,
             batch_max_body_bytes: cfg.batch_max_body_bytes,
             body_timeout: cfg.body_timeout(),
+            batch_wait: Duration::from_millis(cfg.pool_wait_ms.max(1)),
         },
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub events_already_recorded: AtomicU64,
     pub group_commits: AtomicU64,
     pub group_commit_events: AtomicU64,
+    /// A gauge: batch requests holding one of POLAR_METER_BATCH_CONCURRENCY's slots.
+    pub batches_in_progress: AtomicU64,
     pub events_delivered: AtomicU64,
     pub events_rejected: AtomicU64,
     pub events_dropped: AtomicU64,
@@ -165,6 +167,17 @@ impl Metrics {
             out,
             "polar_meter_group_commit_events_total {}",
             load(&self.group_commit_events)
+        );
+        head(
+            &mut out,
+            "polar_meter_batches_in_progress",
+            "gauge",
+            "Batch requests being read, parsed or recorded (at most POLAR_METER_BATCH_CONCURRENCY).",
+        );
+        let _ = writeln!(
+            out,
+            "polar_meter_batches_in_progress {}",
+            load(&self.batches_in_progress)
         );
         head(
             &mut out,

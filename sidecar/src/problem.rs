@@ -162,6 +162,11 @@ impl Problem {
                 "the input holds a value PostgreSQL cannot store or read (for example a NUL character or an out-of-range date)",
             );
         }
+        tracing::error!(
+            sqlstate = code,
+            error = message,
+            "the database raised an error this service does not expect"
+        );
         Self::internal()
     }
 

@@ -12,6 +12,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Map, Value};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
@@ -26,6 +27,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub batch_max_body_bytes: usize,
     pub body_timeout: Duration,
+    /// Longest wait for a batch slot.
+    pub batch_wait: Duration,
 }
 
 pub struct App {
@@ -34,6 +37,8 @@ pub struct App {
     pub recorder: Arc<Recorder>,
     /// Polar's state as this sidecar sees it; None without a token.
     pub health: Option<Arc<Health>>,
+    /// Batch requests in progress (POLAR_METER_BATCH_CONCURRENCY).
+    pub batch_slots: tokio::sync::Semaphore,
     pub limits: Limits,
 }
 
@@ -213,6 +218,16 @@ async fn meter(app: &App, req: Request<Incoming>) -> Handled {
 
 async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
     let key = bearer(req.headers())?;
+    // Taken before the body is read: a waiting batch holds only its socket.
+    let Ok(Ok(permit)) =
+        tokio::time::timeout(app.limits.batch_wait, app.batch_slots.acquire()).await
+    else {
+        discard_rest(req.into_body()).await;
+        let mut p = Problem::overloaded();
+        p.detail = "no event of the batch was recorded; send it again as it is".into();
+        return Err(p);
+    };
+    let _slot = BatchSlot::new(permit, &app.metrics);
     let body: StrictJson = read_json(app, req, app.limits.batch_max_body_bytes).await?;
     let Value::Object(mut envelope) = body.0 else {
         return Err(Problem::malformed_body(
@@ -254,6 +269,30 @@ async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
         StatusCode::ACCEPTED,
         &json!({ "results": results }),
     ))
+}
+
+/// A batch slot, counted in polar_meter_batches_in_progress while held.
+struct BatchSlot<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    metrics: &'a Metrics,
+}
+
+impl<'a> BatchSlot<'a> {
+    fn new(permit: tokio::sync::SemaphorePermit<'a>, metrics: &'a Metrics) -> Self {
+        metrics.batches_in_progress.fetch_add(1, Ordering::Relaxed);
+        BatchSlot {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for BatchSlot<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .batches_in_progress
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn item_json(index: usize, o: Outcome) -> Value {

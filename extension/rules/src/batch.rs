@@ -17,6 +17,72 @@ pub const FIELDS: [&str; 4] = [
     "metadata",
 ];
 
+/// Containers nested this deep (the batch array is depth 0) are read as
+/// empty ones. A valid item nests three levels (batch, event, metadata), so a
+/// container this deep is refused whatever it holds, and an empty one is
+/// refused with the same field named.
+pub const READ_DEPTH: usize = 8;
+
+/// Reads a batch from its JSON text (from SQL, jsonb's own output). serde_json
+/// refuses more than 128 levels of nesting, which one item's metadata can
+/// hold, and that must fail the item, not the whole call. So if the plain
+/// parse fails, the text is read again level by level down to READ_DEPTH,
+/// and what lies deeper is skipped without recursion or allocation.
+pub fn parse(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str(text).or_else(|_| read_shallow(text, 0))
+}
+
+fn read_shallow(text: &str, depth: usize) -> Result<Value, serde_json::Error> {
+    use serde_json::value::RawValue;
+    match text.trim_start().as_bytes().first() {
+        Some(b'[') if depth >= READ_DEPTH => Ok(Value::Array(Vec::new())),
+        Some(b'{') if depth >= READ_DEPTH => Ok(Value::Object(Default::default())),
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(text)?;
+            items
+                .iter()
+                .map(|v| read_shallow(v.get(), depth + 1))
+                .collect::<Result<_, _>>()
+                .map(Value::Array)
+        }
+        Some(b'{') => {
+            let Fields(fields) = serde_json::from_str(text)?;
+            fields
+                .into_iter()
+                .map(|(k, v)| Ok((k, read_shallow(v.get(), depth + 1)?)))
+                .collect::<Result<_, _>>()
+                .map(Value::Object)
+        }
+        _ => serde_json::from_str(text),
+    }
+}
+
+/// An object's fields in their order, each value still as text.
+struct Fields<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Fields<'a>, M::Error> {
+                let mut out = Vec::new();
+                while let Some(kv) = m.next_entry()? {
+                    out.push(kv);
+                }
+                Ok(Fields(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
 /// One item after checking: its fields, or why it cannot be recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checked {
@@ -339,5 +405,49 @@ mod tests {
             sqlstate::EVENT_NAME
         );
         assert_eq!(c[2].idempotency_key.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn parse_reads_any_depth_and_refuses_only_the_deep_item() {
+        let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+        let text = format!(
+            r#"[{{"idempotency_key":"a","event_name":"e","event_timestamp":"2026-01-01T00:00:00Z","metadata":{{"n":{deep}}}}},
+               {{"idempotency_key":"b","event_name":"e","event_timestamp":"2026-01-01T00:00:00Z","metadata":{{"z":1,"a":123456789012345678901234567890}}}}]"#
+        );
+        assert!(
+            serde_json::from_str::<Value>(&text).is_err(),
+            "deeper than serde_json reads"
+        );
+        let v = parse(&text).unwrap();
+        let checked = check_events(&v, NOW, SKEW);
+        let bad = checked[0]
+            .violation
+            .as_ref()
+            .expect("the deep item is refused");
+        assert!(bad.message.contains("metadata.n"), "{}", bad.message);
+        assert_eq!(checked[1].violation, None, "its neighbour is not");
+        // Order and exact numbers survive, so fingerprints do too.
+        assert_eq!(
+            v[1]["metadata"].to_string(),
+            r#"{"z":1,"a":123456789012345678901234567890}"#
+        );
+        // A shallow text reads as plain serde_json reads it.
+        let plain = r#"[{"a":{"b":[1,2,{"c":"d"}]}}]"#;
+        assert_eq!(
+            parse(plain).unwrap(),
+            serde_json::from_str::<Value>(plain).unwrap()
+        );
+        // Past READ_DEPTH containers are read as empty ones of their kind.
+        let nine = format!(
+            "{}{}",
+            "[".repeat(READ_DEPTH + 2),
+            "]".repeat(READ_DEPTH + 2)
+        );
+        let mut v = &parse(&format!("[{nine}, {deep}]")).unwrap()[0];
+        for _ in 0..READ_DEPTH - 1 {
+            v = &v[0];
+        }
+        assert_eq!(v, &Value::Array(vec![]));
+        assert!(parse("[1,").is_err(), "broken JSON stays an error");
     }
 }

@@ -209,6 +209,16 @@ fn request(r: &mut Rng, key: &str, i: usize) -> (Vec<(String, Vec<u8>)>, Vec<u8>
     (headers, body)
 }
 
+/// The sidecar's ERROR lines, to say why a 5xx happened.
+fn errors(side: &Sidecar) -> String {
+    let logs = side.logs_text();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(r#""level":"ERROR""#))
+        .collect();
+    lines.join("\n")
+}
+
 /// How many requests (PM_FUZZ_REQUESTS, 10,000) and the seed (PM_FUZZ_SEED,
 /// else the clock: printed, so a failure can be replayed).
 fn fuzz_run() -> (usize, u64) {
@@ -272,8 +282,9 @@ async fn ten_thousand_hostile_requests_never_break_the_contract() {
         assert!(*status != 0, "transport failure: {ct}");
         assert!(
             *status < 500,
-            "a {status} for client input: {}",
-            String::from_utf8_lossy(body)
+            "a {status} for client input: {}\nthe sidecar's errors:\n{}",
+            String::from_utf8_lossy(body),
+            errors(&side)
         );
         let v: Value = serde_json::from_slice(body)
             .unwrap_or_else(|_| panic!("not JSON ({status}): {:?}", String::from_utf8_lossy(body)));
@@ -422,8 +433,9 @@ async fn hostile_batches_never_break_the_contract() {
         assert!(*status != 0, "transport failure: {ct}");
         assert!(
             *status < 500,
-            "a {status}: {}",
-            String::from_utf8_lossy(body)
+            "a {status}: {}\nthe sidecar's errors:\n{}",
+            String::from_utf8_lossy(body),
+            errors(&side)
         );
         let v: Value = serde_json::from_slice(body).expect("JSON");
         if *status == 202 {
@@ -443,7 +455,8 @@ async fn hostile_batches_never_break_the_contract() {
                             .starts_with("https://polar-meter.dev/problems/"));
                         assert!(
                             (400..500).contains(&r["problem"]["status"].as_u64().unwrap()),
-                            "{r}"
+                            "{r}\nthe sidecar's errors:\n{}",
+                            errors(&side)
                         );
                     }
                     other => panic!("item status {other:?}"),

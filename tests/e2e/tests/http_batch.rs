@@ -271,3 +271,64 @@ async fn concurrent_single_requests_are_group_committed_and_answered_one_by_one(
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], "already_recorded", "{v}");
 }
+
+/// serde_json reads 128 levels of nesting; one item's metadata can hold more,
+/// and that must fail the item, not the call (it once came back as a 500).
+#[tokio::test]
+async fn deeply_nested_metadata_fails_its_item_alone() {
+    let (_db, pg, key, side) = setup(&[]).await;
+    let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
+    let events = format!(
+        r#"[{{"idempotency_key":"deep","event_name":"e","event_timestamp":"2026-01-01T00:00:00Z","metadata":{{"n":{deep}}}}}, {}]"#,
+        item("fine", "e", 1)
+    );
+    let rows = pg
+        .query(
+            "SELECT status, sqlstate, message FROM meter.record_events($1, $2::text::jsonb) ORDER BY idx",
+            &[&key, &events],
+        )
+        .await
+        .unwrap();
+    let row = |i: usize| {
+        let r = &rows[i];
+        let s: (String, Option<String>, Option<String>) = (r.get(0), r.get(1), r.get(2));
+        s
+    };
+    assert_eq!(rows.len(), 2);
+    let (status, code, message) = row(0);
+    assert_eq!((status.as_str(), code.as_deref()), ("error", Some("PM013")));
+    assert!(message.unwrap().contains("metadata.n"));
+    assert_eq!(row(1).0, "recorded", "its neighbour is recorded");
+
+    // Over HTTP: the deepest single event the sidecar reads is one level
+    // deeper inside the batch a group commit sends.
+    let body = |k: usize| {
+        format!(
+            r#"{{"event_name":"e","event_timestamp":"2026-01-01T00:00:00Z","metadata":{{"n":{}1{}}}}}"#,
+            "[".repeat(k),
+            "]".repeat(k)
+        )
+    };
+    let k = (100..200)
+        .take_while(|&k| serde_json::from_str::<Value>(&body(k)).is_ok())
+        .last()
+        .unwrap();
+    assert!(serde_json::from_str::<Value>(&format!("[{}]", body(k))).is_err());
+    let r = http()
+        .post(side.url("/api/v1/meter"))
+        .bearer_auth(&key)
+        .header("idempotency-key", "deep-http")
+        .header("content-type", "application/json")
+        .body(body(k))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["type"], "https://polar-meter.dev/problems/invalid-metadata",
+        "{v}"
+    );
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
+    assert_eq!(n, 1, "only the good neighbour is stored");
+}

@@ -236,3 +236,75 @@ async fn background_sql_is_bounded_by_a_statement_timeout_of_its_own() {
     let r = http().get(side.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Batches in progress are bounded (POLAR_METER_BATCH_CONCURRENCY): a batch
+/// past the bound waits without its body being read, up to the pool wait,
+/// then gets a 503 and nothing of it is recorded; a slot comes back when its
+/// batch ends.
+#[tokio::test]
+async fn batches_in_progress_are_bounded() {
+    let (_db, pg, key, side) = setup(&[
+        ("POLAR_METER_BATCH_CONCURRENCY", "1"),
+        ("POLAR_METER_POOL_WAIT_MS", "300"),
+    ])
+    .await;
+    let event = |k: &str| json!({"idempotency_key": k, "event_name": "e", "event_timestamp": now_rfc3339()});
+    let held_body = json!({"events": [event("held")]}).to_string();
+    // A client that sends its headers and half its body holds the only slot.
+    let mut s = TcpStream::connect(addr(&side)).await.unwrap();
+    let (first, rest) = held_body.split_at(held_body.len() / 2);
+    let head = format!(
+        "POST /api/v1/meter/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{first}",
+        held_body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let c = http();
+    eventually(5, "the slow batch holding the slot", || async {
+        let text = c
+            .get(side.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("\npolar_meter_batches_in_progress 1\n")
+            .then_some(())
+    })
+    .await;
+    let batch = |k: &'static str| {
+        c.post(side.url("/api/v1/meter/batch"))
+            .bearer_auth(&key)
+            .json(&json!({"events": [event(k)]}))
+            .send()
+    };
+    let started = Instant::now();
+    let refused = batch("refused").await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let v: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(
+        v["type"], "https://polar-meter.dev/problems/overloaded",
+        "{v}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    // The slow client finishes; its batch is recorded and frees the slot.
+    s.write_all(rest.as_bytes()).await.unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&got[..n]);
+    assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+    assert_eq!(batch("after").await.unwrap().status(), 202);
+    let keys: Vec<String> = pg
+        .column("SELECT idempotency_key FROM meter.meter_event ORDER BY idempotency_key")
+        .await;
+    assert_eq!(keys, ["after", "held"], "nothing of the refused batch");
+}

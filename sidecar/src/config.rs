@@ -126,6 +126,15 @@ pub struct Config {
     #[arg(long, env = "POLAR_METER_POOL_WAIT_MS", default_value_t = 2000)]
     pub pool_wait_ms: u64,
 
+    /// Seconds a pooled database connection is used before it is replaced, so that
+    /// the plans PostgreSQL caches per connection are made again as tables grow.
+    #[arg(
+        long,
+        env = "POLAR_METER_DB_CONNECTION_MAX_AGE_SECS",
+        default_value_t = 60
+    )]
+    pub db_connection_max_age_secs: u64,
+
     /// Largest body of POST /api/v1/meter and the key endpoints, in bytes.
     #[arg(long, env = "POLAR_METER_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,

@@ -2,10 +2,10 @@
 //! statement timeout; background work, whose calls can be long, under a long one), the
 //! LISTEN connection, TLS as libpq's sslmode means it, and how failures are
 //! classified: a client mistake (a SQLSTATE), or the database being away.
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_postgres::config::SslMode;
 
 pub use crate::db_tls::SslSettings;
@@ -62,7 +62,16 @@ impl Target {
         t
     }
 
-    pub fn pool(&self, size: usize, wait: Duration) -> Result<Pool, String> {
+    /// A pool of `size` connections: a caller waits at most `wait` for one,
+    /// and a connection past its age (allowed_age) is replaced when next
+    /// taken. Replacing them is what keeps plans right: PostgreSQL caches a
+    /// generic plan per connection, and one made while meter_event was nearly
+    /// empty (a fresh install) read an organization's whole index range on
+    /// every call once the table had grown, until autovacuum's ANALYZE
+    /// replanned it (recording fell from 9k to 500 events/s within a minute
+    /// of a fresh install, and autovacuum had not come by then).
+    pub fn pool(&self, size: usize, wait: Duration, max_age: Duration) -> Result<Pool, String> {
+        let born = Instant::now();
         let mgr = Manager::from_config(
             self.config.clone(),
             self.tls.clone(),
@@ -76,6 +85,13 @@ impl Target {
             .wait_timeout(Some(wait))
             .create_timeout(Some(Duration::from_secs(5)))
             .recycle_timeout(Some(Duration::from_secs(5)))
+            .pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, m| {
+                if m.age() > allowed_age(m.created.saturating_duration_since(born), max_age) {
+                    Err(HookError::message("past its maximum age"))
+                } else {
+                    Ok(())
+                }
+            }))
             .build()
             .map_err(|e| format!("database pool: {e}"))
     }
@@ -100,6 +116,16 @@ impl Target {
     }
 }
 
+/// How long a connection opened `opened` after its pool was made may serve:
+/// as long as the pool had lived when it opened, from 5 s up to `max_age`.
+/// Tables fill fastest, relative to their size, right after an install, so
+/// early connections (and the plans they cache) are replaced soonest: each
+/// generation plans for a table about twice the size of the last one's.
+pub fn allowed_age(opened: Duration, max_age: Duration) -> Duration {
+    const FIRST: Duration = Duration::from_secs(5);
+    opened.clamp(FIRST.min(max_age), max_age)
+}
+
 /// The request pool (statement timeout, bounded wait) and the background pool.
 #[derive(Clone)]
 pub struct Pools {
@@ -116,6 +142,7 @@ impl Pools {
         statement_timeout: Duration,
         background_statement_timeout: Duration,
         pool_wait: Duration,
+        max_age: Duration,
     ) -> Result<Self, String> {
         let requests = target
             .named("requests")
@@ -123,7 +150,7 @@ impl Pools {
                 "statement_timeout",
                 &statement_timeout.as_millis().to_string(),
             )
-            .pool(request_size, pool_wait)?;
+            .pool(request_size, pool_wait, max_age)?;
         // Long calls live here (a 1M-event reconcile_finish takes seconds),
         // apart from requests, under a bound of their own.
         let background = target
@@ -132,7 +159,7 @@ impl Pools {
                 "statement_timeout",
                 &background_statement_timeout.as_millis().to_string(),
             )
-            .pool(background_size, Duration::from_secs(30))?;
+            .pool(background_size, Duration::from_secs(30), max_age)?;
         Ok(Pools {
             requests,
             background,
@@ -217,5 +244,26 @@ impl From<tokio_postgres::Error> for DbError {
             }
             None => DbError::Internal(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_connections_are_replaced_soonest_and_none_lives_past_the_maximum() {
+        let s = Duration::from_secs;
+        let max = s(60);
+        assert_eq!(allowed_age(s(0), max), s(5), "the first generation");
+        assert_eq!(allowed_age(s(5), max), s(5));
+        assert_eq!(
+            allowed_age(s(12), max),
+            s(12),
+            "then twice as long each time"
+        );
+        assert_eq!(allowed_age(s(24), max), s(24));
+        assert_eq!(allowed_age(s(3600), max), max);
+        assert_eq!(allowed_age(s(0), s(2)), s(2), "a maximum under 5 s is kept");
     }
 }

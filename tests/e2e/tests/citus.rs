@@ -62,7 +62,12 @@ impl Citus {
     /// A sidecar delivering to `emu`.
     async fn sidecar_for(&self, emu: &Emulator) -> Sidecar {
         let env = emu.sidecar_env();
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut env: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        // Two-phase commit records name their backend's pid: the request
+        // pool's connections are kept for the whole test, so that its pids
+        // name every backend recording went through.
+        env.push(("POLAR_METER_DB_CONNECTION_MAX_AGE_SECS", "3600"));
         self.sidecar(&env).await
     }
 

@@ -187,7 +187,7 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
         let watcher = db.admin().await;
         eventually(5, "the request waiting on the held key", || async {
             let n: i64 = watcher
-                .value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd requests' AND wait_event_type = 'Lock'").await;
+                .value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd requests' AND datname = current_database() AND wait_event_type = 'Lock'").await;
             (n > 0).then_some(())
         })
         .await;
@@ -307,4 +307,50 @@ async fn batches_in_progress_are_bounded() {
         .column("SELECT idempotency_key FROM meter.meter_event ORDER BY idempotency_key")
         .await;
     assert_eq!(keys, ["after", "held"], "nothing of the refused batch");
+}
+
+/// A pooled connection is replaced once past its age
+/// (POLAR_METER_DB_CONNECTION_MAX_AGE_SECS), so that the plans PostgreSQL
+/// caches per connection are made again as the tables grow; requests never
+/// notice.
+#[tokio::test]
+async fn pooled_connections_are_replaced_past_their_age() {
+    let (db, pg, key, side) = setup(&[
+        ("POLAR_METER_DB_POOL_SIZE", "1"),
+        ("POLAR_METER_DB_CONNECTION_MAX_AGE_SECS", "1"),
+    ])
+    .await;
+    let c = http();
+    let post = || {
+        c.post(side.url("/api/v1/meter"))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", idem())
+            .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
+            .send()
+    };
+    let watcher = db.admin().await;
+    let backend = || async {
+        let pids: Vec<i32> = watcher
+            .column(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE application_name = 'polar-meterd requests' AND datname = current_database()",
+            )
+            .await;
+        pids
+    };
+    assert_eq!(post().await.unwrap().status(), 202);
+    let first = backend().await;
+    assert_eq!(first.len(), 1, "one request connection: {first:?}");
+    let mut sent = 1;
+    eventually(10, "a new request connection", || {
+        sent += 1;
+        async {
+            assert_eq!(post().await.unwrap().status(), 202);
+            let now = backend().await;
+            (now.len() == 1 && now != first).then_some(())
+        }
+    })
+    .await;
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
+    assert_eq!(n, sent, "every request was recorded across the replacement");
 }

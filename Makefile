@@ -40,8 +40,9 @@ clean: down
 # Benchmarks (not tests): write their figures into BENCHMARKS.md.
 bench: deps
 	tests/bench/ingest.sh
+	tests/bench/fresh.sh
 	tests/bench/batch.sh
-	tests/bench/sustained.sh max 600 14
+	tests/bench/sustained.sh max 600 24
 	tests/bench/drain.sh
 	tests/bench/reconcile.sh
 	tests/bench/citus.sh

@@ -127,7 +127,8 @@ pub struct Config {
     pub pool_wait_ms: u64,
 
     /// Seconds a pooled database connection is used before it is replaced, so that
-    /// the plans PostgreSQL caches per connection are made again as tables grow.
+    /// the plans PostgreSQL caches per connection are made again as tables grow
+    /// (sooner in a pool's first minute); 0 keeps connections for as long as they work.
     #[arg(
         long,
         env = "POLAR_METER_DB_CONNECTION_MAX_AGE_SECS",

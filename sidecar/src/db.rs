@@ -63,14 +63,19 @@ impl Target {
     }
 
     /// A pool of `size` connections: a caller waits at most `wait` for one,
-    /// and a connection past its age (allowed_age) is replaced when next
-    /// taken. Replacing them is what keeps plans right: PostgreSQL caches a
+    /// and a connection past its age (allowed_age; never without `max_age`)
+    /// is replaced when next taken. Replacing them is what keeps plans right: PostgreSQL caches a
     /// generic plan per connection, and one made while meter_event was nearly
     /// empty (a fresh install) read an organization's whole index range on
     /// every call once the table had grown, until autovacuum's ANALYZE
     /// replanned it (recording fell from 9k to 500 events/s within a minute
     /// of a fresh install, and autovacuum had not come by then).
-    pub fn pool(&self, size: usize, wait: Duration, max_age: Duration) -> Result<Pool, String> {
+    pub fn pool(
+        &self,
+        size: usize,
+        wait: Duration,
+        max_age: Option<Duration>,
+    ) -> Result<Pool, String> {
         let born = Instant::now();
         let mgr = Manager::from_config(
             self.config.clone(),
@@ -86,10 +91,12 @@ impl Target {
             .create_timeout(Some(Duration::from_secs(5)))
             .recycle_timeout(Some(Duration::from_secs(5)))
             .pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, m| {
-                if m.age() > allowed_age(m.created.saturating_duration_since(born), max_age) {
-                    Err(HookError::message("past its maximum age"))
-                } else {
-                    Ok(())
+                let opened = m.created.saturating_duration_since(born);
+                match max_age {
+                    Some(max) if m.age() > allowed_age(opened, max) => {
+                        Err(HookError::message("past its maximum age"))
+                    }
+                    _ => Ok(()),
                 }
             }))
             .build()
@@ -142,7 +149,7 @@ impl Pools {
         statement_timeout: Duration,
         background_statement_timeout: Duration,
         pool_wait: Duration,
-        max_age: Duration,
+        max_age: Option<Duration>,
     ) -> Result<Self, String> {
         let requests = target
             .named("requests")

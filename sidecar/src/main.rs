@@ -91,7 +91,8 @@ fn pools(cfg: &Config, request_size: usize, background_size: usize) -> Result<Po
         Duration::from_millis(cfg.statement_timeout_ms.max(1)),
         Duration::from_secs(cfg.background_statement_timeout_secs.max(1)),
         Duration::from_millis(cfg.pool_wait_ms.max(1)),
-        Duration::from_secs(cfg.db_connection_max_age_secs.max(1)),
+        // 0: connections are kept for as long as they work.
+        Some(Duration::from_secs(cfg.db_connection_max_age_secs)).filter(|d| !d.is_zero()),
     )
 }
 

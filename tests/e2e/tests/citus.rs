@@ -67,7 +67,7 @@ impl Citus {
         // Two-phase commit records name their backend's pid: the request
         // pool's connections are kept for the whole test, so that its pids
         // name every backend recording went through.
-        env.push(("POLAR_METER_DB_CONNECTION_MAX_AGE_SECS", "3600"));
+        env.push(("POLAR_METER_DB_CONNECTION_MAX_AGE_SECS", "0"));
         self.sidecar(&env).await
     }
 

@@ -64,12 +64,13 @@ impl Target {
 
     /// A pool of `size` connections: a caller waits at most `wait` for one,
     /// and a connection past its age (allowed_age; never without `max_age`)
-    /// is replaced when next taken. Replacing them is what keeps plans right: PostgreSQL caches a
-    /// generic plan per connection, and one made while meter_event was nearly
-    /// empty (a fresh install) read an organization's whole index range on
-    /// every call once the table had grown, until autovacuum's ANALYZE
-    /// replanned it (recording fell from 9k to 500 events/s within a minute
-    /// of a fresh install, and autovacuum had not come by then).
+    /// is replaced when next taken. Replacing them is what keeps plans
+    /// right: PostgreSQL caches a generic plan per connection, and one made
+    /// while meter_event was nearly empty (a fresh install) read an
+    /// organization's whole index range on every call once the table had
+    /// grown, until autovacuum's ANALYZE replanned it (recording fell from 9k
+    /// to 500 events/s within a minute of a fresh install, and autovacuum had
+    /// not come by then).
     pub fn pool(
         &self,
         size: usize,
@@ -90,15 +91,17 @@ impl Target {
             .wait_timeout(Some(wait))
             .create_timeout(Some(Duration::from_secs(5)))
             .recycle_timeout(Some(Duration::from_secs(5)))
-            .pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, m| {
-                let opened = m.created.saturating_duration_since(born);
-                match max_age {
-                    Some(max) if m.age() > allowed_age(opened, max) => {
+            .pre_recycle(deadpool_postgres::Hook::sync_fn(
+                move |_, m| match max_age {
+                    Some(max)
+                        if m.age()
+                            > allowed_age(m.created.saturating_duration_since(born), max) =>
+                    {
                         Err(HookError::message("past its maximum age"))
                     }
                     _ => Ok(()),
-                }
-            }))
+                },
+            ))
             .build()
             .map_err(|e| format!("database pool: {e}"))
     }
@@ -198,6 +201,15 @@ impl std::fmt::Display for DbError {
 }
 
 impl DbError {
+    /// Logs an outage or our own mistake. A SQLSTATE is not logged here: an
+    /// expected one is the client's, and Problem::from_sql logs the others.
+    pub fn log(&self) {
+        if !matches!(self, DbError::Sql { .. }) {
+            // PostgreSQL's or the pool's message; neither carries secrets.
+            tracing::warn!(error = %self, "database call failed");
+        }
+    }
+
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
             DbError::Sql { code, .. } => Some(code),

@@ -135,7 +135,7 @@ impl Recorder {
         let out = match self.call(key, &events).await {
             Ok(rows) => rows,
             Err(e) if whole_call(&e) || n == 1 => {
-                log_db(&e);
+                e.log();
                 vec![Err(Problem::from_db(&e)); n]
             }
             Err(e) => {
@@ -145,7 +145,7 @@ impl Recorder {
                     out.push(match self.call(key, std::slice::from_ref(&ev)).await {
                         Ok(mut r) => r.pop().unwrap_or_else(|| Err(Problem::internal())),
                         Err(e) => {
-                            log_db(&e);
+                            e.log();
                             Err(Problem::from_db(&e))
                         }
                     });
@@ -220,13 +220,6 @@ impl Recorder {
                 let _ = answer.send(r);
             }
         }
-    }
-}
-
-fn log_db(e: &DbError) {
-    if !matches!(e, DbError::Sql { .. }) {
-        // PostgreSQL's or the pool's message; neither carries secrets.
-        tracing::warn!(error = %e, "database call failed");
     }
 }
 

@@ -17,7 +17,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc (v3) by default commits its arenas eagerly and so keeps what a
 /// burst touched: 16 clients sending 1000-event batches left the sidecar at
-/// 77 MiB; committing on demand, at 38 MiB with the same throughput
+/// 77 MiB; committing on demand, at 32 MiB with the same throughput
 /// (BENCHMARKS.md). mimalloc reads its options once, in its own constructor,
 /// before main; this one runs earlier (a prioritised .init_array entry runs
 /// before the plain ones) and only sets the default, so a
@@ -215,6 +215,7 @@ async fn serve(cfg: Config) -> Result<(), String> {
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let workers = jobs::spawn(j.clone(), stop_rx);
+    let batch_concurrency = cfg.batch_concurrency.max(1);
     let app = Arc::new(App {
         pools: pools.clone(),
         metrics: metrics.clone(),
@@ -225,11 +226,12 @@ async fn serve(cfg: Config) -> Result<(), String> {
             metrics,
         ),
         health: j.polar.as_ref().map(|_| j.health.clone()),
-        batch_slots: tokio::sync::Semaphore::new(cfg.batch_concurrency.max(1)),
+        batch_slots: tokio::sync::Semaphore::new(batch_concurrency),
         limits: Limits {
             max_body_bytes: cfg.max_body_bytes,
             batch_max_body_bytes: cfg.batch_max_body_bytes,
             body_timeout: cfg.body_timeout(),
+            batch_concurrency,
             batch_wait: Duration::from_millis(cfg.pool_wait_ms.max(1)),
         },
     });

@@ -28,8 +28,6 @@ pub struct Metrics {
     pub events_already_recorded: AtomicU64,
     pub group_commits: AtomicU64,
     pub group_commit_events: AtomicU64,
-    /// A gauge: batch requests holding one of POLAR_METER_BATCH_CONCURRENCY's slots.
-    pub batches_in_progress: AtomicU64,
     pub events_delivered: AtomicU64,
     pub events_rejected: AtomicU64,
     pub events_dropped: AtomicU64,
@@ -91,7 +89,8 @@ impl Metrics {
         *self.outbox.lock().unwrap() = Some((stats, now));
     }
 
-    pub fn render(&self, pools: &[PoolUsage]) -> String {
+    /// `batches_in_progress`: batch slots taken, read off the semaphore.
+    pub fn render(&self, pools: &[PoolUsage], batches_in_progress: usize) -> String {
         let mut out = String::with_capacity(8192);
         head(
             &mut out,
@@ -174,11 +173,7 @@ impl Metrics {
             "gauge",
             "Batch requests being read, parsed or recorded (at most POLAR_METER_BATCH_CONCURRENCY).",
         );
-        let _ = writeln!(
-            out,
-            "polar_meter_batches_in_progress {}",
-            load(&self.batches_in_progress)
-        );
+        let _ = writeln!(out, "polar_meter_batches_in_progress {batches_in_progress}");
         head(
             &mut out,
             "polar_meter_polar_requests_total",
@@ -378,13 +373,16 @@ mod tests {
         m.observe("POST /api/v1/meter", 202, 0.0007);
         m.observe("POST /api/v1/meter", 202, 0.02);
         m.observe("POST /api/v1/meter", 400, 9.0);
-        let text = m.render(&[PoolUsage {
-            name: "requests",
-            max: 4,
-            size: 2,
-            available: 1,
-            waiting: 0,
-        }]);
+        let text = m.render(
+            &[PoolUsage {
+                name: "requests",
+                max: 4,
+                size: 2,
+                available: 1,
+                waiting: 0,
+            }],
+            3,
+        );
         assert!(text.contains(
             "polar_meter_http_requests_total{route=\"POST /api/v1/meter\",status=\"202\"} 2"
         ));
@@ -395,6 +393,7 @@ mod tests {
         assert!(
             text.contains("polar_meter_db_pool_connections{pool=\"requests\",state=\"in_use\"} 1")
         );
+        assert!(text.contains("\npolar_meter_batches_in_progress 3\n"));
     }
 
     #[test]
@@ -406,7 +405,7 @@ mod tests {
         m.events_delivered.fetch_add(7, Ordering::Relaxed);
         m.set_outbox(serde_json::json!({"backlog": {"pending": 3, "dropped": 1}, "oldest_due_age_seconds": 12.5,
             "last_reconcile": {"age_seconds": 60, "drift": 2, "drift_ratio": 0.5}}));
-        let text = m.render(&[]);
+        let text = m.render(&[], 0);
         assert!(text.contains("polar_meter_polar_requests_total{endpoint=\"POST /v1/events/ingest\",outcome=\"2xx\"} 2"));
         assert!(text.contains("polar_meter_delivery_events_total{result=\"delivered\"} 7"));
         assert!(text.contains("polar_meter_outbox_events{status=\"pending\"} 3"));

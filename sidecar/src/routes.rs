@@ -12,7 +12,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Map, Value};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
@@ -27,7 +26,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub batch_max_body_bytes: usize,
     pub body_timeout: Duration,
-    /// Longest wait for a batch slot.
+    /// Batch requests read, parsed and recorded at once, and the longest
+    /// wait for one of those slots.
+    pub batch_concurrency: usize,
     pub batch_wait: Duration,
 }
 
@@ -37,7 +38,7 @@ pub struct App {
     pub recorder: Arc<Recorder>,
     /// Polar's state as this sidecar sees it; None without a token.
     pub health: Option<Arc<Health>>,
-    /// Batch requests in progress (POLAR_METER_BATCH_CONCURRENCY).
+    /// limits.batch_concurrency permits: batch requests in progress.
     pub batch_slots: tokio::sync::Semaphore,
     pub limits: Limits,
 }
@@ -160,12 +161,8 @@ async fn sql(
 }
 
 fn db_problem(e: &DbError) -> Problem {
-    let p = Problem::from_db(e);
-    if p.status.is_server_error() {
-        // The message is PostgreSQL's or the pool's; neither carries secrets.
-        tracing::warn!(error = %e, "database call failed");
-    }
-    p
+    e.log();
+    Problem::from_db(e)
 }
 
 fn one(rows: Vec<tokio_postgres::Row>) -> Result<tokio_postgres::Row, Problem> {
@@ -219,7 +216,7 @@ async fn meter(app: &App, req: Request<Incoming>) -> Handled {
 async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
     let key = bearer(req.headers())?;
     // Taken before the body is read: a waiting batch holds only its socket.
-    let Ok(Ok(permit)) =
+    let Ok(Ok(_slot)) =
         tokio::time::timeout(app.limits.batch_wait, app.batch_slots.acquire()).await
     else {
         discard_rest(req.into_body()).await;
@@ -227,7 +224,6 @@ async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
         p.detail = "no event of the batch was recorded; send it again as it is".into();
         return Err(p);
     };
-    let _slot = BatchSlot::new(permit, &app.metrics);
     let body: StrictJson = read_json(app, req, app.limits.batch_max_body_bytes).await?;
     let Value::Object(mut envelope) = body.0 else {
         return Err(Problem::malformed_body(
@@ -269,30 +265,6 @@ async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
         StatusCode::ACCEPTED,
         &json!({ "results": results }),
     ))
-}
-
-/// A batch slot, counted in polar_meter_batches_in_progress while held.
-struct BatchSlot<'a> {
-    _permit: tokio::sync::SemaphorePermit<'a>,
-    metrics: &'a Metrics,
-}
-
-impl<'a> BatchSlot<'a> {
-    fn new(permit: tokio::sync::SemaphorePermit<'a>, metrics: &'a Metrics) -> Self {
-        metrics.batches_in_progress.fetch_add(1, Ordering::Relaxed);
-        BatchSlot {
-            _permit: permit,
-            metrics,
-        }
-    }
-}
-
-impl Drop for BatchSlot<'_> {
-    fn drop(&mut self) {
-        self.metrics
-            .batches_in_progress
-            .fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 fn item_json(index: usize, o: Outcome) -> Value {
@@ -479,10 +451,14 @@ fn metrics(app: &App) -> Resp {
             waiting: s.waiting,
         }
     };
-    let text = app.metrics.render(&[
-        usage("requests", &app.pools.requests),
-        usage("background", &app.pools.background),
-    ]);
+    let batches = app.limits.batch_concurrency - app.batch_slots.available_permits();
+    let text = app.metrics.render(
+        &[
+            usage("requests", &app.pools.requests),
+            usage("background", &app.pools.background),
+        ],
+        batches,
+    );
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         CONTENT_TYPE,

@@ -28,10 +28,8 @@ trap cleanup EXIT
 one_run() {
     local age=$1 start rates=() rows analyzed
     bench_cluster fresh $PORT pm_fresh >/dev/null
-    "${PSQL[@]}" -c "SELECT meter.upsert_organization('acme', 'Acme', 'billing@acme.example')" \
-        -c "SELECT cron.unschedule(jobid) FROM cron.job" >/dev/null
     local key ts body
-    key=$("${PSQL[@]}" -tAc "SELECT key FROM meter.create_api_key('acme', 'bench')")
+    key=$(bench_acme_key)
     ts=$(date -u -d '-1 minute' +%Y-%m-%dT%H:%M:%SZ)
     body="{\"event_name\":\"api.request\",\"event_timestamp\":\"$ts\",\"metadata\":{\"tokens\":12,\"model\":\"m\"}}"
     env ${age:+POLAR_METER_DB_CONNECTION_MAX_AGE_SECS=$age} DATABASE_URL="postgres://fresh_meterd@127.0.0.1:$PORT/pm_fresh" \

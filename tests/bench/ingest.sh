@@ -28,8 +28,7 @@ cleanup() {
 }
 trap cleanup EXIT
 bench_cluster bench $PORT pm_bench
-"${PSQL[@]}" -c "SELECT meter.upsert_organization('acme', 'Acme', 'billing@acme.example')" -c "SELECT cron.unschedule(jobid) FROM cron.job" >/dev/null
-KEY=$("${PSQL[@]}" -tAc "SELECT key FROM meter.create_api_key('acme', 'bench')")
+KEY=$(bench_acme_key)
 TS=$(date -u -d '-1 minute' +%Y-%m-%dT%H:%M:%SZ)
 BODY="{\"event_name\":\"api.request\",\"event_timestamp\":\"$TS\",\"metadata\":{\"tokens\":12,\"model\":\"m\"}}"
 rows() { "${PSQL[@]}" -tAc "SELECT count(*) FROM meter.meter_event"; }

@@ -37,6 +37,14 @@ bench_cluster() {
         -c "CREATE ROLE ${name}_meterd LOGIN IN ROLE polar_meter_sidecar" 2>/dev/null
 }
 
+# bench_acme_key: organization 'acme' with pg_cron's jobs off (nothing but
+# the benchmark runs); prints a fence:meter key of it.
+bench_acme_key() {
+    "${PSQL[@]}" -c "SELECT meter.upsert_organization('acme', 'Acme', 'billing@acme.example')" \
+        -c "SELECT cron.unschedule(jobid) FROM cron.job" >/dev/null
+    "${PSQL[@]}" -tAc "SELECT key FROM meter.create_api_key('acme', 'bench')"
+}
+
 # wait_http URL: until it answers 2xx (30 s at most).
 wait_http() {
     for _ in $(seq 300); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done

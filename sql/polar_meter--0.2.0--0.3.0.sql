@@ -388,11 +388,11 @@ AS 'MODULE_PATHNAME', '_organization_violation_wrapper';
 -- polar_meter::compat::_payload_hash
 -- Skipped due to `#[pgrx(sql = false)]`
 
--- extension/src/events.rs:25
+-- extension/src/events.rs:69
 -- polar_meter::events::_prepare_batch
 CREATE OR REPLACE FUNCTION "_prepare_batch"(
 	"org_id" TEXT, /* & str */
-	"events" jsonb, /* Option < JsonB > */
+	"events" jsonb, /* Option < BatchJson > */
 	"now" timestamp with time zone, /* TimestampWithTimeZone */
 	"max_skew_us" bigint /* i64 */
 ) RETURNS TABLE (
@@ -413,7 +413,7 @@ IMMUTABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_prepare_batch_wrapper';
 
--- extension/src/events.rs:110
+-- extension/src/events.rs:154
 -- polar_meter::events::_reserved_metadata_key
 CREATE OR REPLACE FUNCTION "_reserved_metadata_key"() RETURNS TEXT /* & '_ str */
 IMMUTABLE STRICT PARALLEL SAFE
@@ -1514,11 +1514,12 @@ COMMENT ON FUNCTION meter.oldest_supported_sidecar() IS
 
 -- Recording events. Everything goes through one set-based core,
 -- _record_batch: one key check by the caller, every item checked,
--- fingerprinted and given its ids in one Rust pass (_prepare_batch), one
--- INSERT ... SELECT of the new rows in idempotency-key order (so concurrent
--- batches wait on each other in one order and cannot deadlock), one
--- statement that reads what each key holds and audits what was inserted. A
--- single event is a batch of one whose error is raised instead of returned.
+-- fingerprinted and given its ids in one Rust pass (_prepare_batch), then
+-- one statement: an INSERT ... SELECT of the new rows in idempotency-key
+-- order (so concurrent batches wait on each other in one order and cannot
+-- deadlock) that audits the rows it returns. Only keys it did not insert
+-- are read back. A single event is a batch of one whose error is raised
+-- instead of returned.
 
 CREATE OR REPLACE FUNCTION meter._record_batch(org_id text, api_key_id uuid, events jsonb)
 RETURNS SETOF meter.batch_recording
@@ -1559,35 +1560,48 @@ BEGIN
 
     -- The first good item of each key, in request order, is the one
     -- inserted, in key order (so concurrent batches wait on each other in one
-    -- order and cannot deadlock). Each item's id is drawn beforehand, so which
-    -- rows this call inserted is read back below without RETURNING. An event
-    -- is not due before its own timestamp: Polar refuses events from its future.
+    -- order and cannot deadlock). Each item's id is drawn beforehand, so that
+    -- an item's result says whether its own row is the one its key holds. An
+    -- event is not due before its own timestamp: Polar refuses events from its future.
     IF NOT meter._distributed() THEN
-        INSERT INTO meter.meter_event (organization_id, id, api_key_id, idempotency_key, event_name, event_timestamp,
-                                       metadata, payload_hash, external_id, polar_customer_id, next_attempt_at)
-        SELECT org_id, u.id, api_key_id, u.k, u.n, u.ts, coalesce(events -> u.i -> 'metadata', '{}'), u.h, u.x,
-               (SELECT o.polar_customer_id FROM meter.organization o WHERE o.id = org_id), greatest(v_now, u.ts)
-        FROM unnest(v_idx, v_keys, v_names, v_ts, v_hashes, v_xids, v_ids, v_firsts) AS u(i, k, n, ts, h, x, id, first)
-        WHERE u.first
-        ORDER BY u.k
-        ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING;
-
-        -- A new statement, so rows a concurrent transaction committed while the
-        -- INSERT waited on them are visible (READ COMMITTED). What each key holds
-        -- now, and one audit row for each event this call inserted.
-        WITH held AS (
-            SELECT e.idempotency_key AS k, e.id, e.payload_hash AS h
-            FROM meter.meter_event e
-            WHERE e.organization_id = org_id
-              AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_firsts) AS u(k, first) WHERE u.first))
+        -- One statement inserts the events and audits those it inserted: the
+        -- rows RETURNING gives back are exactly this call's.
+        WITH inserted AS (
+            INSERT INTO meter.meter_event (organization_id, id, api_key_id, idempotency_key, event_name, event_timestamp,
+                                           metadata, payload_hash, external_id, polar_customer_id, next_attempt_at)
+            SELECT org_id, u.id, api_key_id, u.k, u.n, u.ts, coalesce(events -> u.i -> 'metadata', '{}'), u.h, u.x,
+                   (SELECT o.polar_customer_id FROM meter.organization o WHERE o.id = org_id), greatest(v_now, u.ts)
+            FROM unnest(v_idx, v_keys, v_names, v_ts, v_hashes, v_xids, v_ids, v_firsts) AS u(i, k, n, ts, h, x, id, first)
+            WHERE u.first
+            ORDER BY u.k
+            ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING
+            RETURNING idempotency_key AS k, id, payload_hash AS h
         ), audited AS (
             INSERT INTO meter.audit_log (organization_id, action, subject, detail)
-            SELECT org_id, 'event.recorded', held.id::text,
-                   jsonb_build_object('idempotency_key', held.k, 'payload_hash', encode(held.h, 'hex'))
-            FROM held JOIN unnest(v_ids) AS mine(id) ON mine.id = held.id
-            ORDER BY held.k
+            SELECT org_id, 'event.recorded', ins.id::text,
+                   jsonb_build_object('idempotency_key', ins.k, 'payload_hash', encode(ins.h, 'hex'))
+            FROM inserted ins
+            ORDER BY ins.k
         )
-        SELECT array_agg(held.k), array_agg(held.id), array_agg(held.h) INTO v_skeys, v_sids, v_shashes FROM held;
+        SELECT array_agg(ins.k), array_agg(ins.id), array_agg(ins.h) INTO v_skeys, v_sids, v_shashes FROM inserted ins;
+
+        IF coalesce(cardinality(v_skeys), 0) = cardinality(v_idx) THEN
+            -- Every item was good, the first of its key and new: the common
+            -- case, answered without reading anything back.
+            RETURN QUERY SELECT u.i, 'recorded'::text, u.id, NULL::text, NULL::text FROM unnest(v_idx, v_ids) AS u(i, id);
+            RETURN;
+        END IF;
+
+        -- What the other keys hold: replays, and rows of concurrent
+        -- transactions the INSERT waited on. A new statement, so rows those
+        -- committed meanwhile are visible (READ COMMITTED).
+        SELECT coalesce(v_skeys, '{}') || array_agg(e.idempotency_key), coalesce(v_sids, '{}') || array_agg(e.id),
+               coalesce(v_shashes, '{}') || array_agg(e.payload_hash)
+        INTO v_skeys, v_sids, v_shashes
+        FROM meter.meter_event e
+        WHERE e.organization_id = org_id
+          AND e.idempotency_key = ANY (ARRAY(SELECT u.k FROM unnest(v_keys, v_firsts) AS u(k, first) WHERE u.first
+                                             EXCEPT SELECT unnest(v_skeys)));
     ELSE
         -- The same steps in the form Citus routes to the organization's
         -- worker as they are: single-row INSERT ... VALUES and plain reads.

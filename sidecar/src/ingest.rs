@@ -27,8 +27,9 @@ const RECORD_EVENTS: &str =
     "SELECT idx, status, event_id, sqlstate, message FROM meter.record_events($1::text, $2::jsonb)";
 
 /// Events that must be waiting before a second (third...) call for the same
-/// key starts while one is in flight: a call's fixed cost (key check, a few
-/// statements, a commit) is worth paying in parallel only for a group.
+/// key starts, or goes on, while another is in flight: a call's fixed cost
+/// (key check, a few statements, a commit) is worth paying in parallel only
+/// for a group. Fewer wait at most for the call in flight to end.
 const EXTRA_CALL_MIN_EVENTS: usize = 8;
 
 /// An event the database accepted: recorded now, or already recorded.
@@ -198,7 +199,11 @@ impl Recorder {
             let items: Vec<Item> = {
                 let mut q = self.queues.lock().unwrap();
                 let Some(kq) = q.get_mut(&key) else { return };
-                if kq.waiting.is_empty() {
+                // Few events left while another call runs: they ride in
+                // that call's next round instead of paying a call of their own.
+                if kq.waiting.is_empty()
+                    || (kq.running > 1 && kq.waiting.len() < EXTRA_CALL_MIN_EVENTS)
+                {
                     kq.running -= 1;
                     if kq.running == 0 {
                         q.remove(&key);

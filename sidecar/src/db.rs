@@ -64,13 +64,14 @@ impl Target {
 
     /// A pool of `size` connections: a caller waits at most `wait` for one,
     /// and a connection past its age (allowed_age; never without `max_age`)
-    /// is replaced when next taken. Replacing them is what keeps plans
-    /// right: PostgreSQL caches a generic plan per connection, and one made
-    /// while meter_event was nearly empty (a fresh install) read an
-    /// organization's whole index range on every call once the table had
-    /// grown, until autovacuum's ANALYZE replanned it (recording fell from 9k
-    /// to 500 events/s within a minute of a fresh install, and autovacuum had
-    /// not come by then).
+    /// is replaced when next taken, so that plans follow the tables:
+    /// PostgreSQL caches a generic plan per connection, and one made while
+    /// meter_event was nearly empty (a fresh install) can read an
+    /// organization's whole index range on every idempotency-key lookup once
+    /// the table has grown, until autovacuum's ANALYZE replans it. Recording
+    /// once fell from 9k to 500 events/s that way within a minute of a fresh
+    /// install; it no longer looks new keys up, but replays and background
+    /// jobs still plan on the same growing tables.
     pub fn pool(
         &self,
         size: usize,

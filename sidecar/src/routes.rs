@@ -26,9 +26,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub batch_max_body_bytes: usize,
     pub body_timeout: Duration,
-    /// Batch requests read, parsed and recorded at once, and the longest
-    /// wait for one of those slots.
+    /// Batch requests read, parsed and recorded at once.
     pub batch_concurrency: usize,
+    /// Longest wait for one of those slots.
     pub batch_wait: Duration,
 }
 

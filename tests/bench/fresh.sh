@@ -4,9 +4,11 @@
 # with the sidecar's defaults and once with its connections never replaced
 # (POLAR_METER_DB_CONNECTION_MAX_AGE_SECS=0), each on a fresh cluster.
 # PostgreSQL caches a generic plan per connection; one made while the table
-# is nearly empty reads an organization's whole index range on every call
-# once the table has grown, until autovacuum's ANALYZE replans it. Replacing
-# young connections soon is what keeps recording's rate as the table fills.
+# is nearly empty can read an organization's whole index range on every
+# idempotency-key lookup once the table has grown, until autovacuum's ANALYZE
+# replans it. Recording new events no longer looks keys up (only replays
+# do), so both lines should stay alike: this shows recording keeps its rate
+# as the table fills, whatever the connections' age.
 #   usage: tests/bench/fresh.sh [seconds per interval] [intervals]
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -110,7 +110,7 @@ fn _prepare_batch(
             )]);
         }
     };
-    let ids = ids::random_uuids(items.len())
+    let ids = ids::event_ids(items.len(), unix_us(now).div_euclid(1000))
         .unwrap_or_else(|e| error!("no randomness for event ids: {e}"));
     let valid = items.iter().filter(|p| p.first_of_key).count() as i32;
     let mut row = (

@@ -29,26 +29,34 @@ pub fn external_id(organization_id: &str, idempotency_key: &str) -> String {
     h.update([0x1f]);
     h.update(idempotency_key.as_bytes());
     let d = h.finalize();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(43);
     out.push_str("pm_");
     for b in &d[..20] {
-        out.push_str(&format!("{b:02x}"));
+        out.push(HEX[usize::from(b >> 4)].into());
+        out.push(HEX[usize::from(b & 0x0f)].into());
     }
     out
 }
 
-/// `n` fresh random (version 4) UUIDs from the OS CSPRNG: the ids of a
-/// batch's events, drawn before the INSERT so that the rows a call inserted
-/// can be told from rows already there.
-pub fn random_uuids(n: usize) -> Result<Vec<[u8; 16]>, getrandom::Error> {
+/// `n` fresh event ids: time-ordered UUIDs (version 7, RFC 9562) of the
+/// millisecond `unix_ms`, 74 bits of each from the OS CSPRNG. Drawn before
+/// the INSERT so that the rows a call inserted can be told from rows already
+/// there. Time-ordered so that new rows land at the right-hand end of the
+/// (organization_id, id) primary key instead of on a random page of it:
+/// recording touches, caches and logs fewer index pages.
+pub fn event_ids(n: usize, unix_ms: i64) -> Result<Vec<[u8; 16]>, getrandom::Error> {
     let mut bytes = vec![0u8; 16 * n];
     getrandom::getrandom(&mut bytes)?;
+    // 48 bits of milliseconds: from 1970 to the year 10889.
+    let ms = unix_ms.clamp(0, (1 << 48) - 1).to_be_bytes();
     Ok(bytes
         .chunks_exact(16)
         .map(|c| {
             let mut u: [u8; 16] = c.try_into().expect("16 bytes");
-            u[6] = (u[6] & 0x0f) | 0x40; // version 4
-            u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
+            u[..6].copy_from_slice(&ms[2..]);
+            u[6] = (u[6] & 0x0f) | 0x70; // version 7
+            u[8] = (u[8] & 0x3f) | 0x80; // RFC 9562 variant
             u
         })
         .collect())
@@ -123,12 +131,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn random_uuids_are_version_4_and_distinct() {
-        let u = random_uuids(1000).unwrap();
+    fn event_ids_are_version_7_of_the_millisecond_and_distinct() {
+        let ms = 1_764_180_000_123; // 2025-11-26T18:00:00.123Z
+        let u = event_ids(1000, ms).unwrap();
         assert_eq!(u.len(), 1000);
-        assert!(u.iter().all(|x| x[6] >> 4 == 4 && x[8] >> 6 == 2));
+        assert!(u.iter().all(|x| x[6] >> 4 == 7 && x[8] >> 6 == 2));
+        assert!(u.iter().all(|x| x[..6] == ms.to_be_bytes()[2..]));
         let distinct: std::collections::HashSet<_> = u.iter().collect();
         assert_eq!(distinct.len(), 1000);
+        // Later milliseconds sort after earlier ones, whatever the random bits.
+        let later = event_ids(1, ms + 1).unwrap()[0];
+        assert!(u.iter().all(|x| *x < later));
+        // Out-of-range clocks are clamped, never wrapped.
+        assert_eq!(event_ids(1, -5).unwrap()[0][..6], [0; 6]);
+        assert_eq!(event_ids(1, i64::MAX).unwrap()[0][..6], [0xff; 6]);
     }
 
     #[test]

@@ -123,6 +123,45 @@ async fn the_stored_row_is_what_was_sent() {
 }
 
 #[tokio::test]
+async fn event_ids_are_version_7_uuids_of_the_recording_transaction() {
+    let (_db, c, key) = setup().await;
+    let batch = json!([
+        {"idempotency_key": "a", "event_name": "e", "event_timestamp": TS},
+        {"idempotency_key": "b", "event_name": "e", "event_timestamp": TS},
+    ]);
+    c.execute("SELECT meter.record_events($1, $2)", &[&key, &batch])
+        .await
+        .unwrap();
+    let (_, later) = record(&c, &key, "c", "e", TS, json!({})).await.unwrap();
+    // The first 48 bits are the Unix milliseconds of the transaction that
+    // recorded the row (its created_at), then the version nibble 7.
+    let rows = c
+        .query(
+            "SELECT id, ('x' || substr(replace(id::text, '-', ''), 1, 12))::bit(48)::bigint
+                        = floor(extract(epoch FROM created_at) * 1000)::bigint,
+                    substr(id::text, 15, 1), substr(id::text, 20, 1)
+             FROM meter.meter_event ORDER BY idempotency_key",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let id: uuid::Uuid = r.get(0);
+        assert!(r.get::<_, bool>(1), "{id}: its time is not its recording's");
+        assert_eq!(r.get::<_, String>(2), "7", "{id}");
+        assert!("89ab".contains(&r.get::<_, String>(3)), "{id}: variant");
+    }
+    // A later recording's id sorts after an earlier one's once their
+    // milliseconds differ (within one millisecond the random bits decide).
+    let ms = |u: uuid::Uuid| u.as_bytes()[..6].to_vec();
+    assert!(rows
+        .iter()
+        .take(2)
+        .all(|r| ms(r.get::<_, uuid::Uuid>(0)) <= ms(later)));
+}
+
+#[tokio::test]
 async fn idempotency_keys_are_per_organization() {
     let (db, c, key_a) = setup().await;
     db.org(&c, "globex").await;

@@ -51,13 +51,29 @@ impl Ca {
     }
 }
 
-/// A directory of its own for a test's files, readable by the postgres user.
-pub fn scratch_dir(what: &str) -> PathBuf {
+/// A directory of its own for a test's files, readable by the postgres user,
+/// removed (with the throwaway keys in it) when the test drops it.
+pub struct ScratchDir(PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn scratch_dir(what: &str) -> ScratchDir {
     let dir = crate::repo_root()
         .join(".pm")
         .join(format!("{what}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    ScratchDir(dir)
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

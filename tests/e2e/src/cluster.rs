@@ -154,7 +154,8 @@ impl TestDb {
 /// with database `meter_tls` and the extension. Stopped and removed on drop.
 pub struct TlsCluster {
     pub port: u16,
-    dir: std::path::PathBuf,
+    // Removed after drop() has stopped the server.
+    dir: crate::certs::ScratchDir,
 }
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -287,7 +288,6 @@ impl Drop for TlsCluster {
                 "stop",
             ])
             .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

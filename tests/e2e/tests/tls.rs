@@ -2,13 +2,15 @@
 //! to PostgreSQL (a cluster that accepts TLS only; libpq's sslmode), and
 //! HTTPS to its clients (its own certificate, reloaded on SIGHUP), and the
 //! refusal to serve API keys over plain HTTP on a network address.
-use pm_e2e::certs::{scratch_dir, write, Ca};
+use pm_e2e::certs::{scratch_dir, write, Ca, ScratchDir};
 use pm_e2e::Value1;
 use pm_e2e::{eventually, idem, now_rfc3339, Sidecar, TestDb, TlsCluster};
 use serde_json::json;
 
 /// A TLS-only cluster with an organization, a key and a sidecar login role.
-async fn tls_database(names: &[&str]) -> (Ca, TlsCluster, String, String, std::path::PathBuf) {
+/// A TLS-only database, a sidecar role and a key in it, and a directory
+/// holding the CA certificate as ca.pem (removed when dropped).
+async fn tls_database(names: &[&str]) -> (Ca, TlsCluster, String, String, ScratchDir) {
     let ca = Ca::new("polar-meter test CA");
     let cluster = TlsCluster::start(&ca.leaf(names)).await;
     let db = cluster.socket("meter_tls").await;
@@ -23,13 +25,14 @@ async fn tls_database(names: &[&str]) -> (Ca, TlsCluster, String, String, std::p
     ))
     .await;
     let dir = scratch_dir("tls-ca");
-    let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
-    (ca, cluster, role, key, ca_file)
+    write(&dir, "ca.pem", &ca.cert_pem);
+    (ca, cluster, role, key, dir)
 }
 
 #[tokio::test]
 async fn verify_full_reaches_a_database_that_requires_tls_on_every_connection() {
-    let (_ca, cluster, role, key, ca_file) = tls_database(&["localhost"]).await;
+    let (_ca, cluster, role, key, ca_dir) = tls_database(&["localhost"]).await;
+    let ca_file = ca_dir.join("ca.pem");
     let url = format!(
         "postgres://{role}@localhost:{}/meter_tls?sslmode=verify-full&sslrootcert={}",
         cluster.port,
@@ -73,7 +76,8 @@ async fn verify_full_reaches_a_database_that_requires_tls_on_every_connection() 
 
 #[tokio::test]
 async fn verify_full_refuses_a_certificate_for_another_host_and_verify_ca_does_not_ask() {
-    let (_ca, cluster, role, key, ca_file) = tls_database(&["db.internal"]).await;
+    let (_ca, cluster, role, key, ca_dir) = tls_database(&["db.internal"]).await;
+    let ca_file = ca_dir.join("ca.pem");
     let url = |mode: &str| {
         format!(
             "postgres://{role}@127.0.0.1:{}/meter_tls?sslmode={mode}&sslrootcert={}",
@@ -119,7 +123,7 @@ async fn verify_full_refuses_a_certificate_for_another_host_and_verify_ca_does_n
 
 #[tokio::test]
 async fn require_encrypts_without_verifying_and_disable_is_turned_away() {
-    let (_ca, cluster, role, key, _) = tls_database(&["localhost"]).await;
+    let (_ca, cluster, role, key, _ca_dir) = tls_database(&["localhost"]).await;
     let url = |mode: &str| {
         format!(
             "postgres://{role}@127.0.0.1:{}/meter_tls?sslmode={mode}",

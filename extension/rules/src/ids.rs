@@ -42,9 +42,11 @@ pub fn external_id(organization_id: &str, idempotency_key: &str) -> String {
 /// `n` fresh event ids: time-ordered UUIDs (version 7, RFC 9562) of the
 /// millisecond `unix_ms`, 74 bits of each from the OS CSPRNG. Drawn before
 /// the INSERT so that the rows a call inserted can be told from rows already
-/// there. Time-ordered so that new rows land at the right-hand end of the
-/// (organization_id, id) primary key instead of on a random page of it:
-/// recording touches, caches and logs fewer index pages.
+/// there. Time-ordered so that an organization's new rows land at the end of
+/// its range of the (organization_id, id) primary key instead of on a random
+/// page of it: recording touches, caches and logs fewer index pages. The
+/// price: while several organizations record, pages inside the index split
+/// in half and stay about half full (BENCHMARKS.md, storage).
 pub fn event_ids(n: usize, unix_ms: i64) -> Result<Vec<[u8; 16]>, getrandom::Error> {
     let mut bytes = vec![0u8; 16 * n];
     getrandom::getrandom(&mut bytes)?;

@@ -7,9 +7,8 @@ use pm_e2e::Value1;
 use pm_e2e::{eventually, idem, now_rfc3339, Sidecar, TestDb, TlsCluster};
 use serde_json::json;
 
-/// A TLS-only cluster with an organization, a key and a sidecar login role.
-/// A TLS-only database, a sidecar role and a key in it, and a directory
-/// holding the CA certificate as ca.pem (removed when dropped).
+/// A TLS-only cluster with an organization, a key and a sidecar login role,
+/// and a directory holding the CA certificate as ca.pem (removed when dropped).
 async fn tls_database(names: &[&str]) -> (Ca, TlsCluster, String, String, ScratchDir) {
     let ca = Ca::new("polar-meter test CA");
     let cluster = TlsCluster::start(&ca.leaf(names)).await;

@@ -52,6 +52,15 @@ struct KeyQueue {
     running: usize,
 }
 
+impl KeyQueue {
+    /// Whether what waits is worth a call of its own beside `others` calls
+    /// in flight: always when none is, else only for a group
+    /// (EXTRA_CALL_MIN_EVENTS); fewer ride in a running call's next round.
+    fn worth_a_call(&self, others: usize) -> bool {
+        !self.waiting.is_empty() && (others == 0 || self.waiting.len() >= EXTRA_CALL_MIN_EVENTS)
+    }
+}
+
 pub struct Recorder {
     pool: Pool,
     concurrency: usize,
@@ -176,10 +185,7 @@ impl Recorder {
             let mut q = self.queues.lock().unwrap();
             let kq = q.entry(key.clone()).or_default();
             kq.waiting.push_back(Item { event, answer: tx });
-            // The first call starts at once; another only once enough events
-            // wait to be worth its fixed cost, else they ride in the next call.
-            let worth = kq.running == 0 || kq.waiting.len() >= EXTRA_CALL_MIN_EVENTS;
-            if kq.running < self.concurrency && worth {
+            if kq.running < self.concurrency && kq.worth_a_call(kq.running) {
                 kq.running += 1;
                 true
             } else {
@@ -199,11 +205,9 @@ impl Recorder {
             let items: Vec<Item> = {
                 let mut q = self.queues.lock().unwrap();
                 let Some(kq) = q.get_mut(&key) else { return };
-                // Few events left while another call runs: they ride in
-                // that call's next round instead of paying a call of their own.
-                if kq.waiting.is_empty()
-                    || (kq.running > 1 && kq.waiting.len() < EXTRA_CALL_MIN_EVENTS)
-                {
+                // This call is one of those running; the others can take
+                // what is left.
+                if !kq.worth_a_call(kq.running - 1) {
                     kq.running -= 1;
                     if kq.running == 0 {
                         q.remove(&key);
@@ -231,6 +235,26 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_beside_others_is_worth_it_only_for_a_group() {
+        let mut kq = KeyQueue::default();
+        assert!(!kq.worth_a_call(0), "nothing waits");
+        let push = |kq: &mut KeyQueue| {
+            let (answer, _) = oneshot::channel();
+            kq.waiting.push_back(Item {
+                event: Value::Null,
+                answer,
+            });
+        };
+        push(&mut kq);
+        assert!(kq.worth_a_call(0), "alone, one event is a call");
+        assert!(!kq.worth_a_call(1));
+        while kq.waiting.len() < EXTRA_CALL_MIN_EVENTS {
+            push(&mut kq);
+        }
+        assert!(kq.worth_a_call(1) && kq.worth_a_call(2));
+    }
 
     #[test]
     fn key_errors_and_outages_are_the_same_for_every_item() {

@@ -343,14 +343,19 @@ async fn no_run_covering_yesterday_by_the_configured_hour_is_overdue() {
     assert_eq!(raised, 1);
     assert_eq!(audit_count(&pg, "alert.reconcile_overdue").await, 1);
     // A finished run today over a window ending yesterday or later settles it.
+    // One transaction, so that now() is one instant for the run and for the
+    // check: a midnight between them would make the run the day before's.
     pg.batch_execute(
-        "INSERT INTO meter.reconcile_run (window_start, window_end, status, finished_at)
-         VALUES (date_trunc('day', now()) - interval '1 day', date_trunc('day', now()) - interval '1 hour', 'done', now());
+        "BEGIN;
+         INSERT INTO meter.reconcile_run (window_start, window_end, status, finished_at)
+         VALUES (date_trunc('day', now(), 'UTC') - interval '1 day', date_trunc('day', now(), 'UTC') - interval '1 hour',
+                 'done', now());
          DELETE FROM meter.alert_state;",
     )
     .await
     .unwrap();
     let raised: i32 = pg.value("SELECT meter.check_delivery_health()").await;
+    pg.batch_execute("COMMIT").await.unwrap();
     assert_eq!(raised, 0);
 }
 

@@ -60,6 +60,10 @@ $(echo "$out" | sed -n 's/.*Non-2xx or 3xx responses: *\([0-9]*\).*/\1/p' | grep
 $(echo "$out" | sed -n 's/^ *\([0-9]*\) requests in.*/\1/p') $((after - before))"
 }
 
+# One side of a pair each, into the variables the loop below reports.
+baseline_run() { read -r i_tps i_p50 i_p99 < <(pgb insert.sql "$1"); }
+http_run() { read -r h_rps h_p50 h_p99 h_bad h_total h_rows < <(http "$1"); }
+
 DATABASE_URL="postgres://bench_meterd@127.0.0.1:$PORT/pm_bench" POLAR_METER_LISTEN=127.0.0.1:18799 \
     LOG_FORMAT=json RUST_LOG=warn target/perf/polar-meterd serve >"$OUT/sidecar.log" 2>&1 &
 SIDE=$!
@@ -70,13 +74,7 @@ for r in $(seq "$REPEATS"); do
         # The pair in alternating order, so that neither side always meets
         # the larger table (nothing is truncated between runs) or the later
         # moment of the shared VM.
-        if ((r % 2)); then
-            read -r i_tps i_p50 i_p99 < <(pgb insert.sql "$c")
-            read -r h_rps h_p50 h_p99 h_bad h_total h_rows < <(http "$c")
-        else
-            read -r h_rps h_p50 h_p99 h_bad h_total h_rows < <(http "$c")
-            read -r i_tps i_p50 i_p99 < <(pgb insert.sql "$c")
-        fi
+        if ((r % 2)); then baseline_run "$c"; http_run "$c"; else http_run "$c"; baseline_run "$c"; fi
         read -r f_tps f_p50 f_p99 < <(pgb record_event.sql "$c")
         [ "$h_bad" = 0 ] && [ "$h_total" -le "$h_rows" ] || { echo "HTTP run lost events: $h_bad non-2xx, $h_total requests, $h_rows rows" >&2; exit 1; }
         echo "$c $r $i_tps $i_p50 $i_p99 $h_rps $h_p50 $h_p99 $f_tps $f_p50 $f_p99 $h_total $h_rows" | tee -a "$OUT/runs"

@@ -170,7 +170,8 @@ pub struct Config {
     #[arg(long, env = "POLAR_METER_MAX_H2_STREAMS", default_value_t = 128)]
     pub max_h2_streams: u32,
 
-    /// Single-event requests held in memory waiting for their group commit; past it: 503.
+    /// Single-event requests held in memory for their group commit, waiting or in a
+    /// call; past it: 503.
     #[arg(long, env = "POLAR_METER_MAX_PENDING_EVENTS", default_value_t = 10_000)]
     pub max_pending_events: usize,
 

@@ -174,6 +174,11 @@ impl Recorder {
         out
     }
 
+    /// Single events held in memory now: waiting for their call, or in it.
+    pub fn pending_events(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
     /// Records one event through the key's group commit.
     pub async fn record_one(self: &Arc<Self>, key: String, event: Value) -> Outcome {
         if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {

@@ -89,8 +89,14 @@ impl Metrics {
         *self.outbox.lock().unwrap() = Some((stats, now));
     }
 
-    /// `batches_in_progress`: batch slots taken, read off the semaphore.
-    pub fn render(&self, pools: &[PoolUsage], batches_in_progress: usize) -> String {
+    /// `batches_in_progress`: batch slots taken, read off the semaphore;
+    /// `pending_events`: single events the group commit holds in memory.
+    pub fn render(
+        &self,
+        pools: &[PoolUsage],
+        batches_in_progress: usize,
+        pending_events: usize,
+    ) -> String {
         let mut out = String::with_capacity(8192);
         head(
             &mut out,
@@ -166,6 +172,16 @@ impl Metrics {
             out,
             "polar_meter_group_commit_events_total {}",
             load(&self.group_commit_events)
+        );
+        head(
+            &mut out,
+            "polar_meter_group_commit_pending_events",
+            "gauge",
+            "Single-event requests held for their group commit, waiting or in a call (at most POLAR_METER_MAX_PENDING_EVENTS).",
+        );
+        let _ = writeln!(
+            out,
+            "polar_meter_group_commit_pending_events {pending_events}"
         );
         head(
             &mut out,
@@ -382,6 +398,7 @@ mod tests {
                 waiting: 0,
             }],
             3,
+            7,
         );
         assert!(text.contains(
             "polar_meter_http_requests_total{route=\"POST /api/v1/meter\",status=\"202\"} 2"
@@ -394,6 +411,7 @@ mod tests {
             text.contains("polar_meter_db_pool_connections{pool=\"requests\",state=\"in_use\"} 1")
         );
         assert!(text.contains("\npolar_meter_batches_in_progress 3\n"));
+        assert!(text.contains("\npolar_meter_group_commit_pending_events 7\n"));
     }
 
     #[test]
@@ -405,7 +423,7 @@ mod tests {
         m.events_delivered.fetch_add(7, Ordering::Relaxed);
         m.set_outbox(serde_json::json!({"backlog": {"pending": 3, "dropped": 1}, "oldest_due_age_seconds": 12.5,
             "last_reconcile": {"age_seconds": 60, "drift": 2, "drift_ratio": 0.5}}));
-        let text = m.render(&[], 0);
+        let text = m.render(&[], 0, 0);
         assert!(text.contains("polar_meter_polar_requests_total{endpoint=\"POST /v1/events/ingest\",outcome=\"2xx\"} 2"));
         assert!(text.contains("polar_meter_delivery_events_total{result=\"delivered\"} 7"));
         assert!(text.contains("polar_meter_outbox_events{status=\"pending\"} 3"));

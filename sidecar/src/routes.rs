@@ -458,6 +458,7 @@ fn metrics(app: &App) -> Resp {
             usage("background", &app.pools.background),
         ],
         batches,
+        app.recorder.pending_events(),
     );
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(

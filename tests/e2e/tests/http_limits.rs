@@ -2,7 +2,8 @@
 //! headers are cut at the header timeout, idle connections at the idle
 //! timeout, slow bodies at the body deadline; request SQL runs under a
 //! statement timeout with a bounded wait for a connection (503 +
-//! Retry-After); idle connections by the hundred do not lock out a client.
+//! Retry-After); idle connections by the hundred do not lock out a client;
+//! batches in progress and single events held for a group commit are bounded.
 use pm_e2e::Value1;
 use pm_e2e::{eventually, http, idem, now_rfc3339, Sidecar, TestDb};
 use serde_json::json;
@@ -32,6 +33,51 @@ async fn until_closed(s: &mut TcpStream, limit: Duration) -> (Duration, Vec<u8>)
             Err(_) => panic!("still open after {limit:?}"),
         }
     }
+}
+
+/// A DBA's open transaction recording acme's idempotency key `held`: a
+/// request for that key waits in the database until it ends.
+async fn hold_key(db: &TestDb) -> tokio_postgres::Client {
+    let blocker = db.admin().await;
+    blocker
+        .run("BEGIN; SELECT meter.record_event_for_org('acme', 'held', 'e', now());")
+        .await;
+    blocker
+}
+
+/// Until one of the sidecar's request sessions waits on a lock.
+async fn until_a_request_waits_on_a_lock(db: &TestDb) {
+    let watcher = db.admin().await;
+    eventually(10, "a request waiting on the held key", || async {
+        let n: i64 = watcher
+            .value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd requests' AND datname = current_database() AND wait_event_type = 'Lock'").await;
+        (n > 0).then_some(())
+    })
+    .await;
+}
+
+/// A single-event request with API key `key` and Idempotency-Key `k`.
+fn meter(side: &Sidecar, key: &str, k: &str) -> reqwest::RequestBuilder {
+    http()
+        .post(side.url("/api/v1/meter"))
+        .bearer_auth(key)
+        .header("Idempotency-Key", k)
+        .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
+}
+
+/// An unlabelled figure of the sidecar's /metrics.
+async fn metric(side: &Sidecar, name: &str) -> Option<u64> {
+    let text = http()
+        .get(side.url("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test]
@@ -163,35 +209,17 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
         ("POLAR_METER_DB_POOL_SIZE", "1"),
     ])
     .await;
-    // A DBA holds an idempotency key: a request for it waits inside the
-    // database, until the statement timeout ends it.
-    let blocker = db.admin().await;
-    blocker
-        .run("BEGIN; SELECT meter.record_event_for_org('acme', 'held', 'e', now());")
-        .await;
+    // A request for the held key waits inside the database, until the
+    // statement timeout ends it.
+    let blocker = hold_key(&db).await;
     // A second key has a group commit of its own, so its request needs a
     // connection of its own too.
     let (_, key2) = db.key(&db.admin().await, "acme", &["fence:meter"]).await;
-    let c = http();
-    let post_as = |key: String, k: String| {
-        c.post(side.url("/api/v1/meter"))
-            .bearer_auth(key)
-            .header("Idempotency-Key", k)
-            .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
-            .send()
-    };
-    let post = |k: String| post_as(key.clone(), k);
     let started = Instant::now();
-    let (held, other) = tokio::join!(post("held".into()), async {
+    let (held, other) = tokio::join!(meter(&side, &key, "held").send(), async {
         // Only once the held request has the connection and waits on the lock.
-        let watcher = db.admin().await;
-        eventually(5, "the request waiting on the held key", || async {
-            let n: i64 = watcher
-                .value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'polar-meterd requests' AND datname = current_database() AND wait_event_type = 'Lock'").await;
-            (n > 0).then_some(())
-        })
-        .await;
-        post_as(key2.clone(), idem()).await
+        until_a_request_waits_on_a_lock(&db).await;
+        meter(&side, &key2, &idem()).send().await
     });
     let held = held.unwrap();
     assert_eq!(held.status(), 503);
@@ -209,7 +237,10 @@ async fn request_sql_is_bounded_by_a_statement_timeout_and_a_pool_wait() {
     );
     blocker.run("ROLLBACK").await;
     // Background work never shares that pool or its timeout; requests go on.
-    assert_eq!(post(idem()).await.unwrap().status(), 202);
+    assert_eq!(
+        meter(&side, &key, &idem()).send().await.unwrap().status(),
+        202
+    );
 }
 
 #[tokio::test]
@@ -261,16 +292,7 @@ async fn batches_in_progress_are_bounded() {
     s.write_all(head.as_bytes()).await.unwrap();
     let c = http();
     eventually(5, "the slow batch holding the slot", || async {
-        let text = c
-            .get(side.url("/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.contains("\npolar_meter_batches_in_progress 1\n")
-            .then_some(())
+        (metric(&side, "polar_meter_batches_in_progress").await? == 1).then_some(())
     })
     .await;
     let batch = |k: &'static str| {
@@ -309,6 +331,71 @@ async fn batches_in_progress_are_bounded() {
     assert_eq!(keys, ["after", "held"], "nothing of the refused batch");
 }
 
+#[tokio::test]
+async fn single_events_held_for_their_group_commit_are_bounded() {
+    let (db, pg, key, side) = setup(&[
+        ("POLAR_METER_MAX_PENDING_EVENTS", "2"),
+        ("POLAR_METER_GROUP_COMMIT_CONCURRENCY", "1"),
+        // The held call waits on the lock for as long as the test needs.
+        ("POLAR_METER_STATEMENT_TIMEOUT_MS", "60000"),
+    ])
+    .await;
+    // The call carrying the held key waits in the database; the next event
+    // waits in memory behind that call.
+    let blocker = hold_key(&db).await;
+    let post = |k: &'static str| meter(&side, &key, k).send();
+    let pending = || metric(&side, "polar_meter_group_commit_pending_events");
+    let (held, rider, refused) = tokio::join!(
+        post("held"),
+        async {
+            until_a_request_waits_on_a_lock(&db).await;
+            post("rider").await
+        },
+        async {
+            eventually(
+                10,
+                "two events held: one in the call, one waiting",
+                || async { (pending().await? == 2).then_some(()) },
+            )
+            .await;
+            // Answered while the lock is still held: the bound refuses at once,
+            // where an event let in would wait behind the held call.
+            let refused = tokio::time::timeout(Duration::from_secs(10), post("refused")).await;
+            blocker.run("ROLLBACK").await;
+            refused
+        }
+    );
+    let refused = refused
+        .expect("answered while the held call still waits")
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let v: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(
+        v["type"], "https://polar-meter.dev/problems/overloaded",
+        "{v}"
+    );
+    for r in [held, rider] {
+        let v: serde_json::Value = r.unwrap().json().await.unwrap();
+        assert_eq!(v["status"], "recorded", "{v}");
+    }
+    let keys: Vec<String> = pg
+        .column("SELECT idempotency_key FROM meter.meter_event ORDER BY 1")
+        .await;
+    assert_eq!(
+        keys,
+        ["held", "rider"],
+        "the refused event was not recorded"
+    );
+    // Once the held events are answered, the refused one goes through as it was.
+    eventually(10, "nothing held", || async {
+        (pending().await? == 0).then_some(())
+    })
+    .await;
+    let v: serde_json::Value = post("refused").await.unwrap().json().await.unwrap();
+    assert_eq!(v["status"], "recorded", "{v}");
+}
+
 /// A pooled connection is replaced once past its age
 /// (POLAR_METER_DB_CONNECTION_MAX_AGE_SECS), so that the plans PostgreSQL
 /// caches per connection are made again as the tables grow; requests never
@@ -320,14 +407,7 @@ async fn pooled_connections_are_replaced_past_their_age() {
         ("POLAR_METER_DB_CONNECTION_MAX_AGE_SECS", "1"),
     ])
     .await;
-    let c = http();
-    let post = || {
-        c.post(side.url("/api/v1/meter"))
-            .bearer_auth(&key)
-            .header("Idempotency-Key", idem())
-            .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
-            .send()
-    };
+    let post = || meter(&side, &key, &idem()).send();
     let watcher = db.admin().await;
     let backend = || async {
         let pids: Vec<i32> = watcher

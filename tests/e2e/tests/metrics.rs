@@ -41,6 +41,7 @@ async fn delivery_metrics_are_exposed_and_promtool_accepts_them() {
         "polar_meter_alerts_forwarded_total",
         "polar_meter_group_commits_total",
         "polar_meter_batches_in_progress 0",
+        "polar_meter_group_commit_pending_events 0",
         "polar_meter_db_pool_connections{pool=\"background\",state=\"max\"}",
     ] {
         assert!(text.contains(needle), "{needle} missing:\n{text}");

@@ -181,8 +181,15 @@ impl Recorder {
 
     /// Records one event through the key's group commit.
     pub async fn record_one(self: &Arc<Self>, key: String, event: Value) -> Outcome {
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+        // Admitted only below the bound, so the count (and its gauge) never
+        // passes it, even for a moment.
+        let admitted = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_pending).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
             return Err(Problem::overloaded());
         }
         let (tx, rx) = oneshot::channel();

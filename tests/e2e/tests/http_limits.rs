@@ -65,6 +65,17 @@ fn meter(side: &Sidecar, key: &str, k: &str) -> reqwest::RequestBuilder {
         .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
 }
 
+/// A 503 `overloaded` problem with Retry-After: a bound refused the request.
+async fn assert_overloaded(r: reqwest::Response) {
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v["type"], "https://polar-meter.dev/problems/overloaded",
+        "{v}"
+    );
+}
+
 /// An unlabelled figure of the sidecar's /metrics.
 async fn metric(side: &Sidecar, name: &str) -> Option<u64> {
     let text = http()
@@ -302,14 +313,7 @@ async fn batches_in_progress_are_bounded() {
             .send()
     };
     let started = Instant::now();
-    let refused = batch("refused").await.unwrap();
-    assert_eq!(refused.status(), 503);
-    assert!(refused.headers().contains_key("retry-after"));
-    let v: serde_json::Value = refused.json().await.unwrap();
-    assert_eq!(
-        v["type"], "https://polar-meter.dev/problems/overloaded",
-        "{v}"
-    );
+    assert_overloaded(batch("refused").await.unwrap()).await;
     assert!(
         started.elapsed() >= Duration::from_millis(300),
         "{:?}",
@@ -365,16 +369,12 @@ async fn single_events_held_for_their_group_commit_are_bounded() {
             refused
         }
     );
-    let refused = refused
-        .expect("answered while the held call still waits")
-        .unwrap();
-    assert_eq!(refused.status(), 503);
-    assert!(refused.headers().contains_key("retry-after"));
-    let v: serde_json::Value = refused.json().await.unwrap();
-    assert_eq!(
-        v["type"], "https://polar-meter.dev/problems/overloaded",
-        "{v}"
-    );
+    assert_overloaded(
+        refused
+            .expect("answered while the held call still waits")
+            .unwrap(),
+    )
+    .await;
     for r in [held, rider] {
         let v: serde_json::Value = r.unwrap().json().await.unwrap();
         assert_eq!(v["status"], "recorded", "{v}");

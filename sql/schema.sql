@@ -54,9 +54,15 @@ CREATE TABLE meter.api_key (
     permissions     text[] NOT NULL DEFAULT '{fence:meter}' CHECK (array_position(permissions, NULL) IS NULL),
     created_at      timestamptz NOT NULL DEFAULT now(),
     expires_at      timestamptz,
-    revoked_at      timestamptz
+    revoked_at      timestamptz,
+    -- The keys:manage key that made this one (NULL: a root, made in SQL);
+    -- revoking a key revokes what it minted, transitively.
+    minted_by       uuid,
+    -- Set when the key is rotated: a key is rotated once.
+    replaced_by     uuid
 );
 CREATE INDEX api_key_organization ON meter.api_key (organization_id);
+CREATE INDEX api_key_minted_by ON meter.api_key (minted_by) WHERE minted_by IS NOT NULL;
 COMMENT ON TABLE meter.api_key IS
   'Opaque bearer keys (ak_ + 48 base62). Only the SHA-256 is kept; the key is shown once, at creation.';
 
@@ -180,6 +186,8 @@ CREATE TABLE meter.alert (
 );
 ALTER SEQUENCE meter.alert_id_seq OWNED BY meter.alert.id;
 CREATE INDEX alert_due ON meter.alert (organization_id, next_attempt_at) WHERE status = 'pending';
+-- The sidecar's alerts are limited per kind and organization an hour.
+CREATE INDEX alert_recent ON meter.alert (organization_id, kind, raised_at);
 COMMENT ON TABLE meter.alert IS
   'Every alert raised, and its forwarding to ALERT_WEBHOOK_URL (pending, forwarded, failed).';
 

@@ -28,6 +28,35 @@ $$;
 COMMENT ON FUNCTION meter._alert(text, text, jsonb, text) IS
   'Internal: the one alert path: a meter.alert row (dedup_key kind:organization[:subject]), an audit row alert.<kind>, a wake-up on polar_meter_alert and a server WARNING. Returns the alert id.';
 
+-- Alerts that functions granted to the sidecar's role raise. That role is a
+-- credential that can be stolen, so what it can make others read is bounded:
+-- only for organizations that exist, at most alerts_per_hour (10) of one kind
+-- for one organization in an hour; past it a server warning says so instead.
+CREATE FUNCTION meter._sidecar_alert(kind text, organization_id text, detail jsonb, subject text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_org text := coalesce(_sidecar_alert.organization_id, '');
+    v_since timestamptz := now() - interval '1 hour';
+    v_recent bigint;
+BEGIN
+    IF v_org <> '' AND NOT EXISTS (SELECT 1 FROM meter.organization o WHERE o.id = v_org) THEN
+        RAISE WARNING 'polar_meter: no % alert for organization %, which does not exist', _sidecar_alert.kind, left(v_org, 64);
+        RETURN NULL;
+    END IF;
+    SELECT count(*) INTO v_recent FROM meter.alert a
+    WHERE a.organization_id = v_org AND a.kind = _sidecar_alert.kind AND a.raised_at > v_since;
+    IF v_recent >= meter._bound('alerts_per_hour') THEN
+        RAISE WARNING 'polar_meter: % alert for organization "%" not raised: % already in the last hour', _sidecar_alert.kind, left(v_org, 64), v_recent;
+        RETURN NULL;
+    END IF;
+    RETURN meter._alert(_sidecar_alert.kind, v_org, _sidecar_alert.detail, _sidecar_alert.subject);
+END
+$$;
+COMMENT ON FUNCTION meter._sidecar_alert(text, text, jsonb, text) IS
+  'Internal: an alert raised through a function the sidecar''s role calls: only for an existing organization (or none), and at most 10 of one kind per organization an hour (past it, a server WARNING instead). Returns the alert id, or NULL when not raised.';
+
 CREATE FUNCTION meter._alert_due(kind text, organization_id text) RETURNS boolean
 LANGUAGE plpgsql
 AS $$

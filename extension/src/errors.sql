@@ -15,23 +15,60 @@ COMMENT ON FUNCTION meter._raise(text[]) IS
   'Internal: raise {sqlstate, message} (a violation from a Rust rule check); no-op on NULL.';
 
 -- Every claim (events, organizations, alerts, reconcile runs) takes a size
--- and a lease; one rule for both.
+-- and a lease; one rule for both. The sidecar's role passes them, so they are
+-- bounded (polar_meter_rules::bounds): a stolen credential can hold rows for
+-- at most one lease.
 CREATE FUNCTION meter._lease_until(size_name text, size int, lease interval) RETURNS timestamptz
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-    IF (size_name IS NOT NULL AND (size IS NULL OR size < 1)) OR lease IS NULL OR lease <= interval '0' THEN
+    IF (size_name IS NOT NULL AND (size IS NULL OR size < 1 OR size > meter._bound('claim_size')))
+       OR lease IS NULL OR lease <= interval '0' OR lease > make_interval(secs => meter._bound('lease_secs')) THEN
         RAISE EXCEPTION USING ERRCODE = 'PM050',
-            MESSAGE = coalesce(size_name || ' must be >= 1 and ', '') || 'lease must be a positive interval';
+            MESSAGE = coalesce(size_name || format(' must be 1 to %s and ', meter._bound('claim_size')), '')
+                || format('lease must be a positive interval of at most %s seconds', meter._bound('lease_secs'));
     END IF;
     RETURN now() + lease;
 END
 $$;
 COMMENT ON FUNCTION meter._lease_until(text, int, interval) IS
-  'Internal: when a claim''s lease ends (now() + lease); PM050 unless the lease is positive and, when size_name is given, size >= 1.';
+  'Internal: when a claim''s lease ends (now() + lease); PM050 unless the lease is positive and at most 10 minutes and, when size_name is given, size is 1 to 1000.';
+
+-- Durations and details the sidecar's role passes outside claims.
+CREATE FUNCTION meter._bounded_wait(name text, wait interval) RETURNS interval
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    IF wait IS NULL THEN
+        RETURN interval '1 second';
+    END IF;
+    IF wait < interval '0' OR wait > make_interval(secs => meter._bound('pause_secs')) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051',
+            MESSAGE = format('%s must be between 0 and %s seconds', name, meter._bound('pause_secs'));
+    END IF;
+    RETURN wait;
+END
+$$;
+COMMENT ON FUNCTION meter._bounded_wait(text, interval) IS
+  'Internal: a pause or deferral from the sidecar (NULL: 1 second); PM051 naming the argument unless it is 0 to 1 hour.';
+
+CREATE FUNCTION meter._bounded_detail(name text, detail jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF detail IS NOT NULL AND octet_length(detail::text) > meter._bound('detail_bytes') THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051',
+            MESSAGE = format('%s must be at most %s bytes as JSON text', name, meter._bound('detail_bytes'));
+    END IF;
+    RETURN coalesce(detail, '{}');
+END
+$$;
+COMMENT ON FUNCTION meter._bounded_detail(text, jsonb) IS
+  'Internal: an alert detail from the sidecar (NULL: {}); PM051 naming the argument past 2 KiB.';
 
 COMMENT ON FUNCTION meter.error_codes() IS
   'Every SQLSTATE polar_meter raises (class PM), one per cause: its name, the HTTP status and RFC 9457 problem type polar-meterd answers with, a title and the cause.';
+COMMENT ON FUNCTION meter._bound(text) IS 'Internal: the most the sidecar''s role may ask for, by name (Rust, polar_meter_rules::bounds): lease_secs, pause_secs, claim_size, claim_bytes, detail_bytes, alerts_per_hour, organizations, window_secs.';
 COMMENT ON FUNCTION meter._setting_default(text) IS 'Internal: the default of a setting (Rust, polar_meter_rules::settings), NULL for an unknown name.';
 COMMENT ON FUNCTION meter._setting_catalog() IS 'Internal: every setting with its default, kind, bounds and description (Rust, polar_meter_rules::settings).';
 COMMENT ON FUNCTION meter._generate_api_key() IS

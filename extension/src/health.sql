@@ -69,18 +69,20 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_detail jsonb := meter._bounded_detail('detail', detail);
 BEGIN
     -- Sidecars report every minute while Polar is unavailable; one alert
     -- goes out per alert_repeat_after, whichever sidecar reports.
     IF meter._alert_due('polar_unavailable', '') THEN
-        PERFORM meter._alert('polar_unavailable', '', jsonb_build_object('cause', cause) || coalesce(detail, '{}'));
-        RETURN true;
+        RETURN meter._sidecar_alert('polar_unavailable', '',
+            jsonb_build_object('cause', left(cause, 500)) || v_detail) IS NOT NULL;
     END IF;
     RETURN false;
 END
 $$;
 COMMENT ON FUNCTION meter.polar_unavailable(text, jsonb) IS
-  'A sidecar found Polar unavailable as a whole (token refused, unreachable, not Polar, or failing everywhere) and paused delivery: raises polar_unavailable with the cause, at most once per alert_repeat_after (1 hour). Returns whether an alert was raised.';
+  'A sidecar found Polar unavailable as a whole (token refused, unreachable, not Polar, or failing everywhere) and paused delivery: raises polar_unavailable with the cause (cut to 500 characters) and detail (at most 2 KiB, else PM051), at most once per alert_repeat_after (1 hour) and 10 an hour however often polar_available clears it. Returns whether an alert was raised.';
 
 CREATE FUNCTION meter.polar_available() RETURNS boolean
 LANGUAGE plpgsql

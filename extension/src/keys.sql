@@ -7,15 +7,14 @@ AS $$ SELECT ARRAY['fence:meter', 'keys:manage'] $$;
 COMMENT ON FUNCTION meter.known_permissions() IS
   'Permissions a key can hold: fence:meter (record events), keys:manage (manage its org''s keys over HTTP).';
 
-CREATE FUNCTION meter.create_api_key(
+CREATE FUNCTION meter._create_api_key(
     org_id text,
     name text,
-    permissions text[] DEFAULT '{fence:meter}',
-    expires_at timestamptz DEFAULT NULL
+    permissions text[],
+    expires_at timestamptz,
+    minted_by uuid
 ) RETURNS TABLE (id uuid, key text, start text)
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_key   text := meter._generate_api_key();
@@ -23,34 +22,54 @@ DECLARE
     v_hash  bytea := meter._key_hash(v_key);
     v_perms text[];
     v_id    uuid;
+    v_minter_start text;
 BEGIN
     PERFORM meter._require_organization(org_id);
-    IF create_api_key.name IS NULL OR length(btrim(create_api_key.name)) NOT BETWEEN 1 AND 128 THEN
+    IF _create_api_key.name IS NULL OR length(btrim(_create_api_key.name)) NOT BETWEEN 1 AND 128 THEN
         RAISE EXCEPTION USING ERRCODE = 'PM032', MESSAGE = 'name must be 1 to 128 characters, not blank';
     END IF;
-    IF create_api_key.permissions IS NULL OR cardinality(create_api_key.permissions) = 0
-       OR array_position(create_api_key.permissions, NULL) IS NOT NULL
-       OR NOT create_api_key.permissions <@ meter.known_permissions() THEN
+    IF _create_api_key.permissions IS NULL OR cardinality(_create_api_key.permissions) = 0
+       OR array_position(_create_api_key.permissions, NULL) IS NOT NULL
+       OR NOT _create_api_key.permissions <@ meter.known_permissions() THEN
         RAISE EXCEPTION USING ERRCODE = 'PM031',
-            MESSAGE = format('permissions must name one or more of %s (got %s)', meter.known_permissions(), create_api_key.permissions);
+            MESSAGE = format('permissions must name one or more of %s (got %s)', meter.known_permissions(), _create_api_key.permissions);
     END IF;
-    IF create_api_key.expires_at IS NOT NULL AND create_api_key.expires_at <= now() THEN
+    IF _create_api_key.expires_at IS NOT NULL AND _create_api_key.expires_at <= now() THEN
         RAISE EXCEPTION USING ERRCODE = 'PM034', MESSAGE = 'expires_at must be in the future';
     END IF;
     -- Computed first: no subquery inside INSERT ... VALUES (Citus refuses it).
-    SELECT array_agg(DISTINCT p ORDER BY p) INTO v_perms FROM unnest(create_api_key.permissions) p;
-    INSERT INTO meter.api_key (organization_id, name, start, key_hash, permissions, expires_at)
-    VALUES (org_id, create_api_key.name, v_start, v_hash, v_perms, create_api_key.expires_at)
+    SELECT array_agg(DISTINCT p ORDER BY p) INTO v_perms FROM unnest(_create_api_key.permissions) p;
+    SELECT k.start INTO v_minter_start FROM meter.api_key k WHERE k.id = _create_api_key.minted_by;
+    INSERT INTO meter.api_key (organization_id, name, start, key_hash, permissions, expires_at, minted_by)
+    VALUES (org_id, _create_api_key.name, v_start, v_hash, v_perms, _create_api_key.expires_at, _create_api_key.minted_by)
     RETURNING api_key.id INTO v_id;
 
+    -- The audit row names the minting key: what a stolen key created can be told.
     PERFORM meter._audit(org_id, 'api_key.created', v_id::text,
-        jsonb_build_object('name', create_api_key.name, 'start', v_start,
-                           'permissions', v_perms, 'expires_at', create_api_key.expires_at));
+        jsonb_build_object('name', _create_api_key.name, 'start', v_start,
+                           'permissions', v_perms, 'expires_at', _create_api_key.expires_at)
+        || CASE WHEN _create_api_key.minted_by IS NULL THEN '{}'::jsonb
+                ELSE jsonb_build_object('minted_by', _create_api_key.minted_by, 'minted_by_start', v_minter_start) END);
     RETURN QUERY SELECT v_id, v_key, v_start;
 END
 $$;
+COMMENT ON FUNCTION meter._create_api_key(text, text, text[], timestamptz, uuid) IS
+  'Internal: creates a key (see create_api_key) minted by another key (NULL: a root, made by a DBA), recording the minter on the key and in the api_key.created audit row.';
+
+CREATE FUNCTION meter.create_api_key(
+    org_id text,
+    name text,
+    permissions text[] DEFAULT '{fence:meter}',
+    expires_at timestamptz DEFAULT NULL
+) RETURNS TABLE (id uuid, key text, start text)
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+    SELECT * FROM meter._create_api_key(org_id, name, permissions, expires_at, NULL)
+$$;
 COMMENT ON FUNCTION meter.create_api_key(text, text, text[], timestamptz) IS
-  'Creates an API key for an organization and returns (id, key, start). The plaintext key is returned this once and never stored: only its SHA-256 is kept. Errors: PM030 unknown org, PM031 bad permissions, PM032 bad name, PM034 expires_at not in the future.';
+  'Creates an API key for an organization and returns (id, key, start). The plaintext key is returned this once and never stored: only its SHA-256 is kept. A key made here is a root: it was minted by no other key. Errors: PM030 unknown org, PM031 bad permissions, PM032 bad name, PM034 expires_at not in the future.';
 
 CREATE FUNCTION meter.list_api_keys(org_id text)
 RETURNS TABLE (id uuid, name text, start text, permissions text[], created_at timestamptz,
@@ -78,6 +97,7 @@ DECLARE
     v_now timestamptz := now();
     v_org text;
     v_revoked timestamptz;
+    n bigint;
 BEGIN
     SELECT k.organization_id, k.revoked_at INTO v_org, v_revoked FROM meter.api_key k
     WHERE k.id = revoke_api_key.id FOR UPDATE;
@@ -89,11 +109,25 @@ BEGIN
         UPDATE meter.api_key k SET revoked_at = v_revoked WHERE k.id = revoke_api_key.id;
     END IF;
     PERFORM meter._audit(v_org, 'api_key.revoked', revoke_api_key.id::text, '{}');
+    -- What a key minted dies with it, and what those minted, and so on: a
+    -- stolen keys:manage key cannot leave heirs behind once revoked.
+    WITH RECURSIVE heirs(id) AS (
+        SELECT k.id FROM meter.api_key k WHERE k.minted_by = revoke_api_key.id
+        UNION
+        SELECT k.id FROM meter.api_key k JOIN heirs h ON k.minted_by = h.id
+    ), revoked AS (
+        UPDATE meter.api_key k SET revoked_at = v_now
+        FROM heirs h WHERE k.id = h.id AND k.revoked_at IS NULL
+        RETURNING k.organization_id, k.id
+    )
+    SELECT count(meter._audit(r.organization_id, 'api_key.revoked', r.id::text,
+                              jsonb_build_object('with', revoke_api_key.id)))
+    INTO n FROM revoked r;
     RETURN v_revoked;
 END
 $$;
 COMMENT ON FUNCTION meter.revoke_api_key(uuid) IS
-  'Revokes a key; the very next verify_api_key or record_event with it fails with PM003. Idempotent: returns when it was revoked. PM033 if no such key.';
+  'Revokes a key and every key it minted, transitively (each with an audit row api_key.revoked); the very next verify_api_key or record_event with any of them fails with PM003. Idempotent: returns when the key was revoked. PM033 if no such key.';
 
 CREATE FUNCTION meter.rotate_api_key(id uuid, grace interval DEFAULT '1 day')
 RETURNS TABLE (new_id uuid, key text, start text, old_key_expires_at timestamptz)
@@ -120,11 +154,20 @@ BEGIN
     IF r.expires_at IS NOT NULL AND r.expires_at <= now() THEN
         RAISE EXCEPTION USING ERRCODE = 'PM004', MESSAGE = format('api key %s expired at %s: nothing to rotate', r.start, r.expires_at);
     END IF;
+    -- A second rotation would copy the grace period's end as the new key's
+    -- expiry: the replacement would die with the old key.
+    IF r.replaced_by IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM007',
+            MESSAGE = format('api key %s was already rotated (its replacement is %s): rotate that one instead', r.start, r.replaced_by);
+    END IF;
 
+    -- The replacement takes its predecessor's place: the same minter, and
+    -- the keys the old one minted now hang from it.
     SELECT c.id, c.key, c.start INTO v_new
-    FROM meter.create_api_key(r.organization_id, r.name, r.permissions, r.expires_at) c;
+    FROM meter._create_api_key(r.organization_id, r.name, r.permissions, r.expires_at, r.minted_by) c;
     v_until := least(coalesce(r.expires_at, 'infinity'), now() + grace);
-    UPDATE meter.api_key k SET expires_at = v_until WHERE k.id = r.id;
+    UPDATE meter.api_key k SET expires_at = v_until, replaced_by = v_new.id WHERE k.id = r.id;
+    UPDATE meter.api_key k SET minted_by = v_new.id WHERE k.minted_by = r.id;
 
     PERFORM meter._audit(r.organization_id, 'api_key.rotated', r.id::text,
         jsonb_build_object('new_id', v_new.id, 'new_start', v_new.start, 'old_key_expires_at', v_until));
@@ -132,7 +175,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.rotate_api_key(uuid, interval) IS
-  'Replaces a key without downtime: creates a key with the same organization, name, permissions and expiry, returns (new_id, key, start, old_key_expires_at) with the plaintext shown this once, and lets the old key work for grace more (default 1 day, 0 to 30 days; never longer than it already had). Audited as api_key.rotated. Errors: PM033 no such key, PM003 revoked, PM004 expired, PM037 grace out of range.';
+  'Replaces a key without downtime: creates a key with the same organization, name, permissions and expiry, returns (new_id, key, start, old_key_expires_at) with the plaintext shown this once, and lets the old key work for grace more (default 1 day, 0 to 30 days; never longer than it already had). The replacement takes the old key''s place: the same minter, and the keys the old one minted hang from it. A key is rotated once (PM007 after: rotate its replacement). Audited as api_key.rotated. Errors: PM033 no such key, PM003 revoked, PM004 expired, PM007 already rotated, PM037 grace out of range.';
 
 CREATE FUNCTION meter._verify_api_key(key text, permission text)
 RETURNS meter.key_identity
@@ -236,14 +279,14 @@ BEGIN
         v_until := least(coalesce(v_until, 'infinity'), v_minter.expires_at);
     END IF;
     SELECT c.id, c.key, c.start INTO id, key, start
-    FROM meter.create_api_key(v_me.organization_id, create_own_api_key.name, v_perms, v_until) c;
+    FROM meter._create_api_key(v_me.organization_id, create_own_api_key.name, v_perms, v_until, v_me.api_key_id) c;
     -- A separate statement: the row inserted above is visible only from here.
     SELECT k.permissions, k.expires_at INTO granted, valid_until FROM meter.api_key k WHERE k.id = create_own_api_key.id;
     RETURN NEXT;
 END
 $$;
 COMMENT ON FUNCTION meter.create_own_api_key(text, text, text[], timestamptz) IS
-  'create_api_key for the organization of api_key, which must hold keys:manage (PM001-PM005 otherwise). permissions default to {fence:meter} and must be ones api_key holds (PM006); the expiry is clamped to api_key''s own. Returns the new key once, with the permissions it was granted and its expiry.';
+  'create_api_key for the organization of api_key, which must hold keys:manage (PM001-PM005 otherwise). permissions default to {fence:meter} and must be ones api_key holds (PM006); the expiry is clamped to api_key''s own. The new key records api_key as its minter (and the audit row names it): revoking api_key revokes it too. Returns the new key once, with the permissions it was granted and its expiry.';
 
 CREATE FUNCTION meter.list_own_api_keys(api_key text)
 RETURNS TABLE (id uuid, name text, start text, permissions text[], created_at timestamptz,

@@ -35,6 +35,7 @@ pgrx::extension_sql_file!(
         events::_reserved_metadata_key,
         outbox::_backoff_seconds,
         outbox::_max_attempts,
+        outbox::_bound,
         drift::_drift_violation,
         drift::_drift,
         audit::_audit_chain_hashes,

@@ -46,6 +46,10 @@ AS $$
 DECLARE
     v_now timestamptz := now();
 BEGIN
+    IF max_orgs IS NULL OR max_orgs < 1 OR max_orgs > meter._bound('organizations') THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051',
+            MESSAGE = format('max_orgs must be 1 to %s', meter._bound('organizations'));
+    END IF;
     IF meter._distributed() THEN
         -- Citus cannot run a recursive CTE across shards: each shard groups
         -- its own organizations and the coordinator merges.
@@ -86,7 +90,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.due_organizations(int) IS
-  'Organizations with events due now and a Polar customer, the longest-waiting first (at most max_orgs). A sidecar claims one batch of each in turn, so one organization''s backlog never holds back another''s fresh events by more than one round.';
+  'Organizations with events due now and a Polar customer, the longest-waiting first (at most max_orgs). A sidecar claims one batch of each in turn, so one organization''s backlog never holds back another''s fresh events by more than one round. PM051 unless max_orgs is 1 to 1000.';
 
 CREATE FUNCTION meter.claim_events(org_id text, max_events int DEFAULT 1000, lease interval DEFAULT '2 minutes')
 RETURNS TABLE (batch_id uuid, event_id uuid, payload jsonb)
@@ -97,6 +101,7 @@ AS $$
 DECLARE
     v_batch uuid := gen_random_uuid();
     v_now   timestamptz := now();
+    v_budget bigint := meter._bound('claim_bytes');
     v_until timestamptz;
 BEGIN
     v_until := meter._lease_until('max_events', max_events, lease);
@@ -107,24 +112,37 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH due AS (
-        SELECT d.organization_id, d.id FROM meter.meter_event d
+        SELECT d.organization_id, d.id, d.next_attempt_at,
+               -- What the event costs once sent: its metadata as stored,
+               -- plus the fixed fields.
+               octet_length(d.metadata::text) + 256 AS cost
+        FROM meter.meter_event d
         WHERE d.organization_id = org_id AND d.polar_status IN ('pending', 'failed', 'in_flight')
           AND d.next_attempt_at <= v_now
         ORDER BY d.next_attempt_at
         LIMIT max_events
         FOR UPDATE SKIP LOCKED
+    ), within AS (
+        -- Bounded by bytes as well as by count, so that no stored event,
+        -- whatever it holds, makes a claim (and the sidecar's memory and
+        -- Polar's request) pass the budget; the first event always goes.
+        SELECT x.organization_id, x.id FROM (
+            SELECT due.organization_id, due.id, due.cost,
+                   sum(due.cost) OVER (ORDER BY due.next_attempt_at, due.id) - due.cost AS before
+            FROM due) x
+        WHERE x.before = 0 OR x.before + x.cost <= v_budget
     ), claimed AS (
         UPDATE meter.meter_event e
         SET polar_status = 'in_flight', batch_id = v_batch, last_attempt_at = v_now,
             lease_expires_at = v_until, next_attempt_at = v_until
-        FROM due WHERE e.organization_id = due.organization_id AND e.id = due.id
+        FROM within WHERE e.organization_id = within.organization_id AND e.id = within.id
         RETURNING e.*
     )
     SELECT v_batch, c.id, meter._event_payload(c::meter.meter_event) FROM claimed c;
 END
 $$;
 COMMENT ON FUNCTION meter.claim_events(text, int, interval) IS
-  'Claims up to max_events due events of one organization (pending, failed past their backoff, or in_flight past their lease) as one batch under a lease, and returns (batch_id, event_id, payload) with payload ready for Polar''s ingest. Nothing while the organization has no Polar customer. PM050 on a bad size or lease.';
+  'Claims up to max_events due events of one organization (pending, failed past their backoff, or in_flight past their lease) as one batch under a lease, and returns (batch_id, event_id, payload) with payload ready for Polar''s ingest. A claim also stops at 4 MiB of events (metadata as stored, plus 256 bytes each; the first event always goes). Nothing while the organization has no Polar customer. PM050 unless max_events is 1 to 1000 and the lease at most 10 minutes.';
 
 CREATE FUNCTION meter.delivery_sent(org_id text, batch_id uuid, event_ids uuid[]) RETURNS int
 LANGUAGE plpgsql
@@ -166,7 +184,7 @@ SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_next timestamptz := now() + greatest(coalesce(retry_after, '1 second'), '0');
+    v_next timestamptz := now() + meter._bounded_wait('retry_after', retry_after);
     n int;
 BEGIN
     -- Not an attempt: Polar asked us to wait (429), or Polar as a whole is
@@ -180,7 +198,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.delivery_deferred(text, uuid, uuid[], interval) IS
-  'The call did not count against these events (a 429, or Polar unavailable as a whole: bad token, unreachable, failing everywhere): they become pending again after retry_after, attempts untouched.';
+  'The call did not count against these events (a 429, or Polar unavailable as a whole: bad token, unreachable, failing everywhere): they become pending again after retry_after (0 to 1 hour, else PM051; NULL: 1 second), attempts untouched.';
 
 CREATE FUNCTION meter._dead_letters(kind text, organization_id text, event_ids uuid[], error text, detail jsonb DEFAULT '{}')
 RETURNS void
@@ -191,13 +209,13 @@ BEGIN
     INSERT INTO meter.audit_log (organization_id, action, subject, detail)
     SELECT _dead_letters.organization_id, 'event.' || kind, x::text, jsonb_build_object('error', left(error, 500))
     FROM unnest(event_ids) x;
-    PERFORM meter._alert('event_' || kind, organization_id,
+    PERFORM meter._sidecar_alert('event_' || kind, organization_id,
         jsonb_build_object('events', cardinality(event_ids), 'event_ids', event_ids[1:20], 'error', left(error, 500)) || detail,
         event_ids[1]::text);
 END
 $$;
 COMMENT ON FUNCTION meter._dead_letters(text, text, uuid[], text, jsonb) IS
-  'Internal: records events that stopped being delivered (kind dropped or rejected): an audit row event.<kind> each and one event_<kind> alert.';
+  'Internal: records events that stopped being delivered (kind dropped or rejected): an audit row event.<kind> each and one event_<kind> alert (at most 10 an hour per organization).';
 
 CREATE FUNCTION meter.delivery_failed(org_id text, batch_id uuid, event_ids uuid[], error text,
                                       OUT failed int, OUT dropped int)
@@ -270,12 +288,15 @@ BEGIN
     -- should look: an answer that does not add up is not Polar as we know it.
     SELECT f.failed, f.dropped INTO failed, dropped
     FROM meter.delivery_failed(org_id, batch_id, event_ids, 'Polar''s answer does not add up: ' || detail) f;
-    PERFORM meter._alert('delivery_unconfirmed', org_id,
-        jsonb_build_object('events', cardinality(event_ids), 'detail', left(detail, 500)), batch_id::text);
+    -- Only for a batch that held events: a made-up call leaves no trace.
+    IF failed > 0 THEN
+        PERFORM meter._sidecar_alert('delivery_unconfirmed', org_id,
+            jsonb_build_object('events', failed, 'detail', left(detail, 500)), batch_id::text);
+    END IF;
 END
 $$;
 COMMENT ON FUNCTION meter.delivery_unconfirmed(text, uuid, uuid[], text) IS
-  'Polar answered 200 to an ingest whose inserted + duplicates is not the batch size: nothing is marked sent, the events count a failed attempt (as delivery_failed) and delivery_unconfirmed is raised. Returns (failed, dropped).';
+  'Polar answered 200 to an ingest whose inserted + duplicates is not the batch size: nothing is marked sent, the events count a failed attempt (as delivery_failed) and delivery_unconfirmed is raised (only when the batch still held events, at most 10 an hour per organization). Returns (failed, dropped).';
 
 CREATE FUNCTION meter.delivery_rejected(org_id text, batch_id uuid, event_ids uuid[], error text) RETURNS int
 LANGUAGE plpgsql
@@ -416,7 +437,7 @@ SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_until timestamptz := clock_timestamp() + greatest(coalesce(retry_after, '1 second'), '0');
+    v_until timestamptz := clock_timestamp() + meter._bounded_wait('retry_after', retry_after);
     b meter.polar_budget;
 BEGIN
     INSERT INTO meter.polar_budget DEFAULT VALUES ON CONFLICT DO NOTHING;
@@ -427,7 +448,29 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.pause_polar(interval) IS
-  'Polar answered 429 with Retry-After: no sidecar of this database takes a slot before then. Returns the end of the pause.';
+  'Polar answered 429 with Retry-After: no sidecar of this database takes a slot before then. retry_after is 0 to 1 hour (else PM051); a longer pause already set stands, and an admin lifts any with meter.resume_polar(). Returns the end of the pause.';
+
+CREATE FUNCTION meter.resume_polar() RETURNS timestamptz
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_was timestamptz;
+BEGIN
+    -- pause_polar keeps the greatest pause it is given, so only this (not
+    -- granted to the sidecar's role) can shorten one.
+    SELECT b.paused_until INTO v_was FROM meter.polar_budget b FOR UPDATE;
+    UPDATE meter.polar_budget SET paused_until = '-infinity';
+    IF v_was > now() THEN
+        PERFORM meter._audit('', 'polar.resumed', NULL, jsonb_build_object('was_paused_until', v_was));
+        PERFORM pg_notify('meter_outbox', '');
+    END IF;
+    RETURN v_was;
+END
+$$;
+COMMENT ON FUNCTION meter.resume_polar() IS
+  'Admin: lifts a pause of the Polar calls (pause_polar), whatever its length, writes an audit row polar.resumed and wakes the sidecars. Returns the end the pause had. Not granted to the sidecar''s role.';
 
 CREATE FUNCTION meter.drain_meter_outbox() RETURNS jsonb
 LANGUAGE plpgsql

@@ -103,8 +103,9 @@ DECLARE
     v_end timestamptz := coalesce(window_end, date_trunc('hour', now() - meter._setting('reconcile_lag')::interval));
     v_id bigint;
 BEGIN
-    IF window_length IS NULL OR window_length <= interval '0' THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM060', MESSAGE = 'window_length must be a positive interval';
+    IF window_length IS NULL OR window_length <= interval '0'
+       OR window_length > make_interval(secs => meter._bound('window_secs')) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM060', MESSAGE = 'window_length must be a positive interval of at most 31 days';
     END IF;
     v_id := meter._open_reconcile_run(v_end - window_length, v_end, meter._reconcile_mode(mode));
     IF v_daily THEN
@@ -115,7 +116,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.reconcile_meter_to_polar(timestamptz, interval, text) IS
-  'Opens a reconciliation run for [window_end - window_length, window_end) and wakes the sidecars (NOTIFY meter_reconcile). window_end defaults to now() minus setting reconcile_lag (6 hours, because Polar''s event list fills asynchronously), truncated to the hour; called so (the daily job), it also re-opens past windows that gained sent events since their last run. mode: counts (compare counts, list only where they differ) or full (list every event); default full when no full run was opened within reconcile_full_every (7 days), else counts. PM060 bad window, PM062 bad mode. Returns the run id.';
+  'Opens a reconciliation run for [window_end - window_length, window_end) and wakes the sidecars (NOTIFY meter_reconcile). window_end defaults to now() minus setting reconcile_lag (6 hours, because Polar''s event list fills asynchronously), truncated to the hour; called so (the daily job), it also re-opens past windows that gained sent events since their last run. mode: counts (compare counts, list only where they differ) or full (list every event); default full when no full run was opened within reconcile_full_every (7 days), else counts. PM060 unless window_length is positive and at most 31 days, PM062 bad mode. Returns the run id.';
 
 CREATE FUNCTION meter.claim_reconcile_run(lease interval DEFAULT '5 minutes', only_run bigint DEFAULT NULL)
 RETURNS TABLE (run_id bigint, window_start timestamptz, window_end timestamptz, pages_done int, mode text)
@@ -151,7 +152,7 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     r meter.reconcile_run;
-    v_until timestamptz := now() + coalesce(lease, '5 minutes');
+    v_until timestamptz := meter._lease_until(NULL, NULL, coalesce(lease, '5 minutes'));
 BEGIN
     UPDATE meter.reconcile_run x SET lease_until = v_until
     WHERE x.id = _running_run.run_id AND x.status = 'running'
@@ -163,7 +164,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter._running_run(bigint, interval) IS
-  'Internal: the run, which must be running (PM061), with its lease extended.';
+  'Internal: the run, which must be running (PM061), with its lease extended (at most 10 minutes, else PM050).';
 
 CREATE FUNCTION meter.reconcile_count_plan(run_id bigint, lease interval DEFAULT '5 minutes')
 RETURNS TABLE (organization_id text, event_name text, local_sent bigint, remote bigint)
@@ -466,7 +467,7 @@ BEGIN
             r.id, v_drift->>'drift', round(v_max_customer::numeric, 4),
             v_events#>>'{missing_at_polar,count}', v_events#>>'{unexpected_at_polar,count}';
         IF v_max_customer > v_threshold THEN
-            PERFORM meter._alert('drift', '', jsonb_build_object('run_id', r.id, 'drift', (v_drift->>'drift')::bigint,
+            PERFORM meter._sidecar_alert('drift', '', jsonb_build_object('run_id', r.id, 'drift', (v_drift->>'drift')::bigint,
                 'max_customer_drift_ratio', v_max_customer, 'threshold', v_threshold, 'customers', v_customers,
                 'missing_at_polar', v_events#>'{missing_at_polar,count}',
                 'unexpected_at_polar', v_events#>'{unexpected_at_polar,count}'), r.id::text);
@@ -502,7 +503,7 @@ BEGIN
         UPDATE meter.reconcile_run x SET status = 'failed', attempts = v_tries, lease_until = NULL, finished_at = v_now,
             last_error = left(error, 1000)
         WHERE x.id = r.id;
-        PERFORM meter._alert('reconcile_failing', '', jsonb_build_object('run_id', r.id, 'tries', v_tries,
+        PERFORM meter._sidecar_alert('reconcile_failing', '', jsonb_build_object('run_id', r.id, 'tries', v_tries,
             'window_start', r.window_start, 'window_end', r.window_end, 'error', left(error, 500)), r.id::text);
         RETURN 'failed';
     END IF;

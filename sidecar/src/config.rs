@@ -74,6 +74,16 @@ pub struct Config {
     )]
     pub listen: SocketAddr,
 
+    /// Address of the admin listener: /metrics, the detailed /readyz and /healthz, for
+    /// operators and Prometheus (the API listener keeps /healthz and a bare /readyz).
+    /// Loopback by default; plain HTTP, since no key crosses it.
+    #[arg(
+        long = "admin-listen",
+        env = "POLAR_METER_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9787"
+    )]
+    pub admin_listen: SocketAddr,
+
     /// Serve HTTPS with this certificate chain (PEM); reloaded on SIGHUP.
     #[arg(long, env = "POLAR_METER_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -150,7 +160,38 @@ pub struct Config {
     #[arg(long, env = "POLAR_METER_BATCH_CONCURRENCY", default_value_t = 4)]
     pub batch_concurrency: usize,
 
-    /// Seconds a client has to send a request's headers (HTTP/1.1; also the TLS handshake).
+    /// Bytes of request bodies being read at once, all connections together; past it a
+    /// request waits up to POLAR_METER_POOL_WAIT_MS, then gets 503 + Retry-After.
+    #[arg(long, env = "POLAR_METER_BODY_BUDGET_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub body_budget_bytes: usize,
+
+    /// Bytes of request bodies being read at once on one connection (all its HTTP/2
+    /// streams; also its HTTP/2 flow-control window). At least the batch body limit.
+    #[arg(long, env = "POLAR_METER_CONNECTION_BODY_BUDGET_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub connection_body_budget_bytes: usize,
+
+    /// Connections one client address may hold open; past it new ones are closed at once.
+    /// For a trusted proxy's connections, requests in progress per forwarded client instead.
+    #[arg(
+        long,
+        env = "POLAR_METER_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 64
+    )]
+    pub max_connections_per_client: usize,
+
+    /// Addresses of proxies whose X-Forwarded-For names the client (comma-separated IPs).
+    /// From any other peer the header is ignored and the socket's address is the client.
+    #[arg(long, env = "POLAR_METER_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+
+    /// Seconds a key's admission verdict (good, or refused) is remembered before a batch
+    /// slot, a group-commit place or body budget is taken. The recording call checks the
+    /// key again, so a revoked key fails at once all the same.
+    #[arg(long, env = "POLAR_METER_ADMISSION_TTL_SECS", default_value_t = 10)]
+    pub admission_ttl_secs: u64,
+
+    /// Seconds a client has to send a request's headers, the first from accept (HTTP/1.1
+    /// and HTTP/2; also the TLS handshake).
     #[arg(long, env = "POLAR_METER_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub header_timeout_secs: u64,
 
@@ -285,6 +326,23 @@ impl Config {
                 self.listen
             ));
         }
+        let max_lease = polar_meter_rules::bounds::LEASE_SECS as u64;
+        if self.lease_secs == 0 || self.lease_secs > max_lease {
+            return Err(format!(
+                "POLAR_METER_LEASE_SECS ({}) must be 1 to {max_lease}: the database refuses longer leases",
+                self.lease_secs
+            ));
+        }
+        let need = self.batch_max_body_bytes.max(self.max_body_bytes);
+        if self.connection_body_budget_bytes < need
+            || self.body_budget_bytes < self.connection_body_budget_bytes
+        {
+            return Err(format!(
+                "POLAR_METER_CONNECTION_BODY_BUDGET_BYTES ({}) must be at least the largest body limit ({need}) \
+                 and at most POLAR_METER_BODY_BUDGET_BYTES ({})",
+                self.connection_body_budget_bytes, self.body_budget_bytes
+            ));
+        }
         crate::polar::check_base_url(&self.polar_base_url(), self.polar_allow_insecure_url)
     }
 }
@@ -332,6 +390,21 @@ mod tests {
         ])
         .check()
         .is_ok());
+    }
+
+    #[test]
+    fn body_budgets_must_hold_the_largest_body() {
+        assert!(cfg(&[]).check().is_ok());
+        let err = cfg(&["--connection-body-budget-bytes", "1000"])
+            .check()
+            .unwrap_err();
+        assert!(
+            err.contains("POLAR_METER_CONNECTION_BODY_BUDGET_BYTES"),
+            "{err}"
+        );
+        assert!(cfg(&["--body-budget-bytes", "1048576"]).check().is_err());
+        let c = cfg(&["--trusted-proxies", "127.0.0.2,::1"]);
+        assert_eq!(c.trusted_proxies.len(), 2);
     }
 
     #[test]

@@ -137,32 +137,46 @@ impl Recorder {
             .collect())
     }
 
-    /// Records events in one call; if that call fails as a whole for a reason
-    /// that is not the same for every item, each item is tried alone, so one
-    /// bad item (say, a value PostgreSQL cannot store) fails alone.
+    /// Records events in one call. Items the database could not even store
+    /// (a NUL, a number numeric would expand or refuse) are answered here and
+    /// never sent, so they cannot fail the call for the others. If the call
+    /// still fails as a whole for a reason that is not the same for every
+    /// item, each item is tried alone, until an error that is the same for
+    /// every item (the key, an outage) answers all that are left.
     pub async fn record(&self, key: &str, events: Vec<Value>) -> Vec<Outcome> {
-        let n = events.len();
-        let out = match self.call(key, &events).await {
-            Ok(rows) => rows,
-            Err(e) if whole_call(&e) || n == 1 => {
-                e.log();
-                vec![Err(Problem::from_db(&e)); n]
-            }
-            Err(e) => {
-                tracing::info!(error = %e, events = n, "a batch failed as a whole; recording its events one by one");
-                let mut out = Vec::with_capacity(n);
-                for ev in events {
-                    out.push(match self.call(key, std::slice::from_ref(&ev)).await {
-                        Ok(mut r) => r.pop().unwrap_or_else(|| Err(Problem::internal())),
-                        Err(e) => {
-                            e.log();
-                            Err(Problem::from_db(&e))
-                        }
-                    });
+        let mut out: Vec<Option<Outcome>> = events
+            .iter()
+            .map(|ev| {
+                polar_meter_rules::batch::unstorable(ev)
+                    .map(|v| Err(Problem::from_sql(v.sqlstate, &v.message)))
+            })
+            .collect();
+        let (slots, storable): (Vec<usize>, Vec<Value>) = events
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| out[*i].is_none())
+            .unzip();
+        let n = storable.len();
+        if n > 0 {
+            let results = match self.call(key, &storable).await {
+                Ok(rows) => rows,
+                Err(e) if whole_call(&e) || n == 1 => {
+                    e.log();
+                    vec![Err(Problem::from_db(&e)); n]
                 }
-                out
+                Err(e) => {
+                    tracing::info!(error = %e, events = n, "a batch failed as a whole; recording its events one by one");
+                    self.one_by_one(key, storable).await
+                }
+            };
+            for (i, r) in slots.into_iter().zip(results) {
+                out[i] = Some(r);
             }
-        };
+        }
+        let out: Vec<Outcome> = out
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(Problem::internal())))
+            .collect();
         for r in out.iter().flatten() {
             let counter = if r.status == "recorded" {
                 &self.metrics.events_recorded
@@ -170,6 +184,27 @@ impl Recorder {
                 &self.metrics.events_already_recorded
             };
             counter.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    async fn one_by_one(&self, key: &str, events: Vec<Value>) -> Vec<Outcome> {
+        let n = events.len();
+        let mut out = Vec::with_capacity(n);
+        for ev in events {
+            match self.call(key, std::slice::from_ref(&ev)).await {
+                Ok(mut r) => out.push(r.pop().unwrap_or_else(|| Err(Problem::internal()))),
+                Err(e) => {
+                    e.log();
+                    let p = Problem::from_db(&e);
+                    if whole_call(&e) {
+                        // The same for the rest: one answer, no more calls.
+                        out.resize(n, Err(p));
+                        break;
+                    }
+                    out.push(Err(p));
+                }
+            }
         }
         out
     }

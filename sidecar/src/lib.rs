@@ -3,6 +3,7 @@
 //! the extension, and this crate maps its SQLSTATEs to HTTP) and makes the
 //! Polar calls the database asks for (jobs/). docs/architecture.md follows
 //! one event through both.
+pub mod admission;
 pub mod agent_config;
 pub mod config;
 pub mod db;

@@ -4,7 +4,7 @@ use polar_meterd::db::{Pools, Target};
 use polar_meterd::jobs::{self, Jobs, Settings};
 use polar_meterd::metrics::Metrics;
 use polar_meterd::polar::{Budget, Client, Health};
-use polar_meterd::routes::{App, Limits};
+use polar_meterd::routes::{App, Limits, Surface};
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::{Arc, RwLock};
@@ -216,8 +216,20 @@ async fn serve(cfg: Config) -> Result<(), String> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let workers = jobs::spawn(j.clone(), stop_rx);
     let batch_concurrency = cfg.batch_concurrency.max(1);
+    let bodies = polar_meterd::http::budget::Budget::new(polar_meterd::http::budget::BodyLimits {
+        global_bytes: cfg.body_budget_bytes,
+        connection_bytes: cfg.connection_body_budget_bytes,
+        wait: Duration::from_millis(cfg.pool_wait_ms.max(1)),
+    });
+    let admission_ttl = Duration::from_secs(cfg.admission_ttl_secs);
     let app = Arc::new(App {
         pools: pools.clone(),
+        admission: polar_meterd::admission::Admission::new(
+            pools.requests.clone(),
+            admission_ttl,
+            admission_ttl,
+        ),
+        bodies: bodies.clone(),
         metrics: metrics.clone(),
         recorder: polar_meterd::ingest::Recorder::new(
             pools.requests.clone(),
@@ -239,8 +251,13 @@ async fn serve(cfg: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|e| format!("listen on {} (admin): {e}", cfg.admin_listen))?;
+    let admin_addr = admin_listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(
         addr = %addr,
+        admin_addr = %admin_addr,
         scheme = if tls.is_some() { "https" } else { "http" },
         version = polar_meterd::VERSION,
         polar_api_url = %polar_meterd::polar::redact(&cfg.polar_base_url()),
@@ -251,20 +268,54 @@ async fn serve(cfg: Config) -> Result<(), String> {
         "listening"
     );
     tokio::spawn(reload_on_sighup(cfg.clone(), j.clone(), tls.clone()));
+    let limits = polar_meterd::http::Limits {
+        header_timeout: cfg.header_timeout(),
+        idle_timeout: cfg.idle_timeout(),
+        max_connections: cfg.max_connections,
+        max_h2_streams: cfg.max_h2_streams,
+        clients: polar_meterd::http::clients::Clients::new(
+            cfg.max_connections_per_client,
+            cfg.trusted_proxies.clone(),
+        ),
+        bodies,
+    };
+    // The admin listener: a few connections, and its own budget, so that no
+    // load on the API can blind the operators' view of it.
+    let admin_limits = polar_meterd::http::Limits {
+        max_connections: 64,
+        clients: polar_meterd::http::clients::Clients::new(64, vec![]),
+        bodies: polar_meterd::http::budget::Budget::new(polar_meterd::http::budget::BodyLimits {
+            global_bytes: 64 * 1024,
+            connection_bytes: 64 * 1024,
+            wait: Duration::from_millis(1),
+        }),
+        ..limits.clone()
+    };
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::watch::channel(false);
+    let admin = tokio::spawn(polar_meterd::http::serve(
+        admin_listener,
+        app.clone(),
+        Surface::Admin,
+        None,
+        admin_limits,
+        async move {
+            let mut rx = admin_stop_rx;
+            let _ = rx.wait_for(|s| *s).await;
+        },
+        Duration::from_secs(1),
+    ));
     polar_meterd::http::serve(
         listener,
         app,
+        Surface::Api,
         tls,
-        polar_meterd::http::Limits {
-            header_timeout: cfg.header_timeout(),
-            idle_timeout: cfg.idle_timeout(),
-            max_connections: cfg.max_connections,
-            max_h2_streams: cfg.max_h2_streams,
-        },
+        limits,
         shutdown_signal(),
         Duration::from_secs(cfg.shutdown_grace_secs),
     )
     .await;
+    let _ = admin_stop_tx.send(true);
+    let _ = admin.await;
     // Jobs finish the call in hand; rows of an unfinished batch are released by their lease.
     let _ = stop_tx.send(true);
     for w in workers {

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub alerts_forwarded: AtomicU64,
     pub alert_forward_failures: AtomicU64,
     pub delivery_paused: AtomicU64,
+    /// Connections (or proxied requests) refused because their client had
+    /// POLAR_METER_MAX_CONNECTIONS_PER_CLIENT.
+    pub connections_refused: AtomicU64,
     /// meter.outbox_stats() as last read, and when (unix seconds).
     outbox: Mutex<Option<(Value, f64)>>,
 }
@@ -96,6 +99,7 @@ impl Metrics {
         pools: &[PoolUsage],
         batches_in_progress: usize,
         pending_events: usize,
+        body_bytes: usize,
     ) -> String {
         let mut out = String::with_capacity(8192);
         head(
@@ -190,6 +194,24 @@ impl Metrics {
             "Batch requests being read, parsed or recorded (at most POLAR_METER_BATCH_CONCURRENCY).",
         );
         let _ = writeln!(out, "polar_meter_batches_in_progress {batches_in_progress}");
+        head(
+            &mut out,
+            "polar_meter_http_body_bytes_in_use",
+            "gauge",
+            "Bytes of request bodies being read, all connections together (at most POLAR_METER_BODY_BUDGET_BYTES).",
+        );
+        let _ = writeln!(out, "polar_meter_http_body_bytes_in_use {body_bytes}");
+        head(
+            &mut out,
+            "polar_meter_http_connections_refused_total",
+            "counter",
+            "Connections (or requests through a trusted proxy) refused because their client address had POLAR_METER_MAX_CONNECTIONS_PER_CLIENT.",
+        );
+        let _ = writeln!(
+            out,
+            "polar_meter_http_connections_refused_total {}",
+            load(&self.connections_refused)
+        );
         head(
             &mut out,
             "polar_meter_polar_requests_total",
@@ -399,6 +421,7 @@ mod tests {
             }],
             3,
             7,
+            1024,
         );
         assert!(text.contains(
             "polar_meter_http_requests_total{route=\"POST /api/v1/meter\",status=\"202\"} 2"
@@ -411,6 +434,7 @@ mod tests {
             text.contains("polar_meter_db_pool_connections{pool=\"requests\",state=\"in_use\"} 1")
         );
         assert!(text.contains("\npolar_meter_batches_in_progress 3\n"));
+        assert!(text.contains("\npolar_meter_http_body_bytes_in_use 1024\n"));
         assert!(text.contains("\npolar_meter_group_commit_pending_events 7\n"));
     }
 
@@ -423,7 +447,7 @@ mod tests {
         m.events_delivered.fetch_add(7, Ordering::Relaxed);
         m.set_outbox(serde_json::json!({"backlog": {"pending": 3, "dropped": 1}, "oldest_due_age_seconds": 12.5,
             "last_reconcile": {"age_seconds": 60, "drift": 2, "drift_ratio": 0.5}}));
-        let text = m.render(&[], 0, 0);
+        let text = m.render(&[], 0, 0, 0);
         assert!(text.contains("polar_meter_polar_requests_total{endpoint=\"POST /v1/events/ingest\",outcome=\"2xx\"} 2"));
         assert!(text.contains("polar_meter_delivery_events_total{result=\"delivered\"} 7"));
         assert!(text.contains("polar_meter_outbox_events{status=\"pending\"} 3"));

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::ToSql;
 
+use crate::admission::Admission;
 use crate::db::{DbError, Pools};
+use crate::http::budget::{self, ConnectionBudget};
 use crate::ingest::{Outcome, Recorder};
 use crate::metrics::{Metrics, PoolUsage};
 use crate::polar::Health;
@@ -32,10 +34,22 @@ pub struct Limits {
     pub batch_wait: Duration,
 }
 
+/// Which listener a request came in on. The API listener serves clients and
+/// load balancers; the admin listener (loopback by default) serves what only
+/// operators should see: metrics and the detailed readiness report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    Api,
+    Admin,
+}
+
 pub struct App {
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
     pub recorder: Arc<Recorder>,
+    pub admission: Admission,
+    /// The body budget every connection draws on (for /metrics).
+    pub bodies: budget::Budget,
     /// Polar's state as this sidecar sees it; None without a token.
     pub health: Option<Arc<Health>>,
     /// limits.batch_concurrency permits: batch requests in progress.
@@ -57,11 +71,14 @@ const LIST_KEYS: &str =
 const REVOKE_KEY: &str = "SELECT meter.revoke_own_api_key($1::text, $2::uuid)";
 const VERSIONS: &str = "SELECT meter.extension_version(), meter.oldest_supported_sidecar()";
 
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Resp {
+pub async fn handle(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> Resp {
     let started = Instant::now();
     let request_id = request_id(req.headers());
     let method = req.method().clone();
-    let (route, result) = dispatch(&app, req).await;
+    let (route, result) = match surface {
+        Surface::Api => dispatch(&app, req).await,
+        Surface::Admin => dispatch_admin(&app, req).await,
+    };
     let mut resp = result.unwrap_or_else(|p| p.into_response(&request_id));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
@@ -131,8 +148,15 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> (&'static str, Handled) 
             "GET /healthz",
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         ),
-        "/readyz" => ("GET /readyz", readyz(app).await),
-        "/metrics" => ("GET /metrics", Ok(metrics(app))),
+        // Bare: 200 or 503 for load balancers and health checks; what is
+        // wrong is on the admin listener.
+        "/readyz" => (
+            "GET /readyz",
+            readyz(app)
+                .await
+                .map(|_| ready_bare())
+                .map_err(|_| not_ready()),
+        ),
         "/openapi.json" => (
             "GET /openapi.json",
             Ok(static_json(
@@ -142,6 +166,33 @@ async fn dispatch(app: &App, req: Request<Incoming>) -> (&'static str, Handled) 
         ),
         _ => ("unmatched", Err(Problem::not_found())),
     }
+}
+
+async fn dispatch_admin(app: &App, req: Request<Incoming>) -> (&'static str, Handled) {
+    match req.uri().path() {
+        "/healthz" => (
+            "GET /healthz",
+            Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        ),
+        "/readyz" => ("GET /readyz", readyz(app).await),
+        "/metrics" => ("GET /metrics", Ok(metrics(app))),
+        _ => ("unmatched", Err(Problem::not_found())),
+    }
+}
+
+fn ready_bare() -> Resp {
+    json_response(StatusCode::OK, &json!({"status": "ready"}))
+}
+
+fn not_ready() -> Problem {
+    let mut p = Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not-ready",
+        "Not ready",
+        "this instance cannot serve now; its admin listener's /readyz says why",
+    );
+    p.retry_after = Some(5);
+    p
 }
 
 /// The one way a handler calls SQL: a pooled connection (a bounded wait, 503
@@ -186,6 +237,10 @@ fn empty_object() -> Value {
 
 async fn meter(app: &App, req: Request<Incoming>) -> Handled {
     let key = bearer(req.headers())?;
+    if let Err(p) = app.admission.admit(&key).await {
+        discard_rest(req.into_body()).await;
+        return Err(p);
+    }
     let idem = match req.headers().get(&IDEMPOTENCY_KEY) {
         None => {
             return Err(Problem::bad_idempotency_key(
@@ -215,6 +270,11 @@ async fn meter(app: &App, req: Request<Incoming>) -> Handled {
 
 async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
     let key = bearer(req.headers())?;
+    // The key first: without a valid one, nothing scarce is taken.
+    if let Err(p) = app.admission.admit(&key).await {
+        discard_rest(req.into_body()).await;
+        return Err(p);
+    }
     // Taken before the body is read: a waiting batch holds only its socket.
     let Ok(Ok(_slot)) =
         tokio::time::timeout(app.limits.batch_wait, app.batch_slots.acquire()).await
@@ -459,6 +519,7 @@ fn metrics(app: &App) -> Resp {
         ],
         batches,
         app.recorder.pending_events(),
+        app.bodies.in_use(),
     );
     let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
@@ -501,6 +562,7 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     limit: usize,
 ) -> Result<T, Problem> {
     let json = is_json(req.headers());
+    let conn_budget = req.extensions().get::<ConnectionBudget>().cloned();
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -516,8 +578,11 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
         return Err(Problem::too_large(limit));
     }
     let deadline = app.limits.body_timeout;
+    // Held until the body is parsed: the bytes read count against the
+    // process's and the connection's budgets.
+    let mut held = budget::Held::default();
     let read = async {
-        let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+        let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
                 return Err(Problem::malformed_body(
@@ -529,6 +594,9 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
                     discard_rest(body).await;
                     return Err(Problem::too_large(limit));
                 }
+                if let Some(b) = &conn_budget {
+                    b.take(&mut held, data.len()).await?;
+                }
                 buf.extend_from_slice(&data);
             }
         }
@@ -537,6 +605,7 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     let buf = tokio::time::timeout(deadline, read)
         .await
         .map_err(|_| Problem::body_timeout(deadline.as_secs()))??;
+    let _held = held;
     let de = &mut serde_json::Deserializer::from_slice(&buf);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

@@ -15,7 +15,7 @@ PROJECT=pm-test
 BASE=localhost/polar-meter-base:bookworm
 export PM_BASE_IMAGE=$BASE PM_ARTIFACTS=prebuilt PM_IMAGE_PREFIX=localhost/polar-meter PM_TAG=test
 # Ports below the ephemeral range (32768-60999), free whatever connections are open.
-export PM_PG_PORT=25499 PM_API_PORT=25787 PM_EMULATOR_PORT=25788
+export PM_PG_PORT=25499 PM_API_PORT=25787 PM_EMULATOR_PORT=25788 PM_ADMIN_PORT=25797
 export CONTAINERS_CONF=$PWD/tests/containers/containers.conf
 COMPOSE=(podman-compose -p $PROJECT -f docker/compose.yaml -f docker/compose.emulator.yaml)
 
@@ -88,6 +88,13 @@ if podman exec ${PROJECT}_polar-meterd_1 touch /probe 2>/dev/null; then
 fi
 [ "$(podman inspect -f '{{.State.Health.Status}}' ${PROJECT}_polar-meterd_1)" != unhealthy ] || { echo "healthcheck says unhealthy" >&2; exit 1; }
 podman exec ${PROJECT}_polar-meterd_1 polar-meterd ready && echo "uid 10001, read-only, healthcheck passes"
+
+step "metrics are on the admin port, not on the API's"
+curl -fsS "http://127.0.0.1:$PM_ADMIN_PORT/metrics" | grep -q '^polar_meter_events_total' ||
+    { echo "no metrics on the admin port" >&2; exit 1; }
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PM_API_PORT/metrics")
+[ "$code" = 404 ] || { echo "the API port answered /metrics with $code" >&2; exit 1; }
+echo "/metrics on :$PM_ADMIN_PORT only"
 
 step "the database login polar_meterd has least privilege"
 denied=$(podman exec -e PGPASSWORD=polar-meterd-dev ${PROJECT}_postgres_1 \

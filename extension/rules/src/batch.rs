@@ -111,6 +111,60 @@ pub fn envelope(events: &Value) -> Result<usize, Violation> {
     }
 }
 
+/// Why an item could not even reach the database, if it could not: a NUL
+/// in any string or key (a PostgreSQL text cannot hold one, and jsonb refuses
+/// the whole call), or a number whose stored form would pass
+/// METADATA_NUMBER_MAX (or overflow numeric, refusing the whole call too).
+/// The sidecar sends only items that pass, so one item can never fail its
+/// neighbours; the answer names the field as the full check would.
+pub fn unstorable(item: &Value) -> Option<Violation> {
+    fn walk(v: &Value, field: &str) -> Option<Violation> {
+        let code = match field.split('.').next().unwrap_or_default() {
+            "event_name" => sqlstate::EVENT_NAME,
+            "idempotency_key" => sqlstate::IDEMPOTENCY_KEY,
+            "event_timestamp" => sqlstate::EVENT_TIMESTAMP,
+            "metadata" => sqlstate::EVENT_METADATA,
+            _ => sqlstate::EVENT_SHAPE,
+        };
+        let name = if field.is_empty() { "the event" } else { field };
+        match v {
+            Value::String(s) if s.contains('\0') => {
+                Some(Violation::new(code, format!("{name} must not contain NUL")))
+            }
+            Value::Number(n) => {
+                let len = validate::numeric_text_len(&n.to_string()).unwrap_or(usize::MAX);
+                (len > validate::METADATA_NUMBER_MAX).then(|| {
+                    Violation::new(
+                        code,
+                        format!(
+                            "{name} is a number whose stored form would be {} characters; at most {} are allowed",
+                            if len == usize::MAX { "too many".to_string() } else { len.to_string() },
+                            validate::METADATA_NUMBER_MAX
+                        ),
+                    )
+                })
+            }
+            Value::Array(a) => a.iter().find_map(|x| walk(x, field)),
+            Value::Object(m) => m.iter().find_map(|(k, x)| {
+                if k.contains('\0') {
+                    return Some(Violation::new(
+                        code,
+                        format!("{name}: keys must not contain NUL"),
+                    ));
+                }
+                let sub = if field.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{field}.{k}")
+                };
+                walk(x, &sub)
+            }),
+            _ => None,
+        }
+    }
+    walk(item, "")
+}
+
 /// An item ready to insert: checked, and for a good item its fingerprint,
 /// its external_id, and whether it is the first good item of its key (the
 /// one a batch inserts; later ones are judged against it).
@@ -240,6 +294,43 @@ mod tests {
 
     fn one(v: Value) -> Checked {
         check_events(&json!([v]), NOW, SKEW).remove(0)
+    }
+
+    #[test]
+    fn items_the_database_could_not_store_are_named_before_it_sees_them() {
+        let ok = json!({"idempotency_key": "k", "event_name": "e", "event_timestamp": "t",
+                        "metadata": {"n": 1.5, "s": "x"}});
+        assert_eq!(unstorable(&ok), None);
+        let nul = unstorable(&json!({"event_name": "a\u{0}b"})).unwrap();
+        assert_eq!(nul.sqlstate, sqlstate::EVENT_NAME);
+        assert_eq!(nul.message, "event_name must not contain NUL");
+        let deep = unstorable(&json!({"metadata": {"a": {"b": ["x\u{0}"]}}})).unwrap();
+        assert_eq!(deep.sqlstate, sqlstate::EVENT_METADATA);
+        assert!(
+            deep.message.starts_with("metadata.a.b must not"),
+            "{}",
+            deep.message
+        );
+        let key = unstorable(&json!({"metadata": {"k\u{0}": 1}})).unwrap();
+        assert_eq!(key.sqlstate, sqlstate::EVENT_METADATA);
+        let tiny: Value = serde_json::from_str(r#"{"metadata": {"q": 1e-20000}}"#).unwrap();
+        let v = unstorable(&tiny).unwrap();
+        assert_eq!(v.sqlstate, sqlstate::EVENT_METADATA);
+        assert!(
+            v.message
+                .contains("metadata.q is a number whose stored form would be 20002"),
+            "{}",
+            v.message
+        );
+        let elsewhere: Value = serde_json::from_str(r#"{"event_name": 1e999999}"#).unwrap();
+        assert_eq!(
+            unstorable(&elsewhere).unwrap().sqlstate,
+            sqlstate::EVENT_NAME
+        );
+        assert_eq!(
+            unstorable(&json!("a\u{0}")).unwrap().sqlstate,
+            sqlstate::EVENT_SHAPE
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! table, and plain `cargo test` covers them.
 pub mod backoff;
 pub mod batch;
+pub mod bounds;
 pub mod drift;
 pub mod ids;
 pub mod keys;

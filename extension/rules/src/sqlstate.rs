@@ -41,6 +41,8 @@ codes! {
         "the key does not hold the permission the call needs";
     PERMISSION_NOT_HELD = "PM006", 403, "permission-not-held", "Permission not held",
         "a keys:manage key tried to grant a permission it does not hold itself";
+    KEY_ROTATED = "PM007", 409, "key-already-rotated", "API key already rotated",
+        "the key was rotated before: rotate its replacement instead";
     EVENT_NAME = "PM010", 400, "invalid-event-name", "Invalid event_name",
         "event_name is missing, not a string, empty, longer than 128 characters or holds NUL";
     EVENT_TIMESTAMP = "PM011", 400, "invalid-timestamp", "Invalid event_timestamp",
@@ -84,9 +86,11 @@ codes! {
     NO_TRUNCATE = "PM042", 409, "truncate-refused", "TRUNCATE refused",
         "a TRUNCATE of a billing table";
     CLAIM_ARGUMENT = "PM050", 400, "invalid-claim", "Invalid claim",
-        "a claim's size is not positive or its lease not a positive interval";
+        "a claim's size is not 1 to 1000 or its lease not a positive interval of at most 10 minutes";
+    ARGUMENT_BOUND = "PM051", 400, "argument-out-of-bounds", "Argument out of bounds",
+        "a pause, deferral, detail or count passed to a delivery function is outside its bounds (pauses up to 1 hour, details up to 2 KiB)";
     RUN_WINDOW = "PM060", 400, "invalid-window", "Invalid reconcile window",
-        "window_length is not a positive interval";
+        "window_length is not a positive interval of at most 31 days";
     RUN_STATE = "PM061", 409, "reconcile-run-not-running", "Reconcile run not running",
         "a page, count or finish was reported for a run this caller does not hold";
     RUN_MODE = "PM062", 400, "invalid-reconcile-mode", "Invalid reconcile mode",

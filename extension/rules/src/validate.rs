@@ -12,6 +12,10 @@ pub const METADATA_MAX_KEYS: usize = 49;
 pub const METADATA_KEY_MAX: usize = 40;
 pub const METADATA_STRING_MAX: usize = 500;
 pub const IDEMPOTENCY_KEY_MAX: usize = 255;
+/// Longest text form of a metadata number, as PostgreSQL's numeric stores
+/// and prints it (plain notation: `1e-16383` is 16,385 characters). An event
+/// is judged on what is stored and sent to Polar, not on what the client sent.
+pub const METADATA_NUMBER_MAX: usize = 64;
 /// Added to every event sent to Polar (its event list does not return
 /// `external_id`, so reconciliation matches on this). Polar's documented limit
 /// is 50 keys, which is why clients get 49.
@@ -148,8 +152,12 @@ pub fn metadata(value: &Value) -> Result<(), Violation> {
                 }
             }
             Value::Number(n) => {
-                if !n.as_f64().is_some_and(f64::is_finite) {
-                    return bad(format!("metadata.{k} is a number out of range"));
+                let stored = numeric_text_len(&n.to_string());
+                if stored.is_none_or(|len| len > METADATA_NUMBER_MAX) {
+                    return bad(format!(
+                        "metadata.{k} is a number whose stored form would be {} characters; at most {METADATA_NUMBER_MAX} are allowed (write it with fewer digits or a smaller exponent)",
+                        stored.map_or("too many".to_string(), |l| l.to_string())
+                    ));
                 }
             }
             Value::Bool(_) => {}
@@ -162,6 +170,65 @@ pub fn metadata(value: &Value) -> Result<(), Violation> {
         }
     }
     Ok(())
+}
+
+/// The length of a JSON number literal's text once PostgreSQL's numeric has
+/// read it (jsonb stores numbers as numeric, and prints them in plain
+/// notation with every digit of their scale): `1E+5` is `100000`, `1.50` stays
+/// `1.50`, `1e-3` is `0.001`, `-0` is `0`. None if it is not a JSON number.
+/// Exponents are saturated, so no literal can overflow the arithmetic.
+pub fn numeric_text_len(literal: &str) -> Option<usize> {
+    let (negative, rest) = match literal.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, literal),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let exponent: i64 = match exponent {
+        None => 0,
+        Some(e) => {
+            let (sign, digits) = match e.as_bytes().first() {
+                Some(b'-') => (-1, &e[1..]),
+                Some(b'+') => (1, &e[1..]),
+                _ => (1, e),
+            };
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            // Past a billion digits the answer is "far too long" either way.
+            let magnitude = digits
+                .trim_start_matches('0')
+                .parse::<i64>()
+                .unwrap_or(if digits.trim_start_matches('0').is_empty() {
+                    0
+                } else {
+                    1 << 40
+                })
+                .min(1 << 40);
+            sign * magnitude
+        }
+    };
+    let significant = format!("{int}{frac}");
+    let significant = significant.trim_start_matches('0');
+    // Digits after the decimal point that numeric keeps (its display scale).
+    let scale = (frac.len() as i64 - exponent).max(0);
+    let len = if significant.is_empty() {
+        // Zero keeps its scale ("0.000") and has no sign.
+        return Some(1 + if scale > 0 { 1 + scale as usize } else { 0 });
+    } else if scale == 0 {
+        // Whole: the significant digits then the zeros the exponent adds.
+        significant.len() as i64 + (exponent - frac.len() as i64).max(0)
+    } else {
+        // Digits before the point (at least "0"), the point, the scale.
+        (significant.len() as i64 - scale).max(1) + 1 + scale
+    };
+    Some(len as usize + usize::from(negative))
 }
 
 /// What Polar accepts as a team customer (its `CustomerTeamCreate`): a name of
@@ -497,6 +564,15 @@ mod tests {
                 serde_json::from_str::<Value>(r#"{"huge": 1e400}"#).unwrap(),
                 "metadata.huge",
             ),
+            (
+                serde_json::from_str::<Value>(r#"{"tiny": 1e-16383}"#).unwrap(),
+                "metadata.tiny is a number whose stored form would be 16385 characters",
+            ),
+            (
+                serde_json::from_str::<Value>(&format!(r#"{{"wide": {}}}"#, "9".repeat(1000)))
+                    .unwrap(),
+                "metadata.wide",
+            ),
             (json!([1, 2]), "JSON object"),
             (json!("str"), "JSON object"),
             (Value::Null, "JSON object"),
@@ -510,5 +586,44 @@ mod tests {
                 v.message
             );
         }
+    }
+
+    #[test]
+    fn numbers_are_measured_as_postgresql_prints_them() {
+        for (literal, printed) in [
+            ("0", "0"),
+            ("-0", "0"),
+            ("-0.0", "0.0"),
+            ("0e-5", "0.00000"),
+            ("12", "12"),
+            ("-12", "-12"),
+            ("1.50", "1.50"),
+            ("1E+5", "100000"),
+            ("1e5", "100000"),
+            ("1.5e3", "1500"),
+            ("1.50e1", "15.0"),
+            ("120e-1", "12.0"),
+            ("1e-3", "0.001"),
+            ("0.001", "0.001"),
+            ("-1.25e-2", "-0.0125"),
+            ("00012.5", "12.5"),
+        ] {
+            assert_eq!(
+                numeric_text_len(literal),
+                Some(printed.len()),
+                "{literal} prints as {printed}"
+            );
+        }
+        assert_eq!(numeric_text_len("1e-16383"), Some(16385));
+        assert_eq!(numeric_text_len("1e400"), Some(401));
+        assert!(numeric_text_len("1e999999999999999999999").unwrap() > 1 << 39);
+        assert!(numeric_text_len("1e-999999999999999999999").unwrap() > 1 << 39);
+        for bad in ["", "-", "e5", "1e", "1.2.3", "abc", "1e+-2"] {
+            assert_eq!(numeric_text_len(bad), None, "{bad:?}");
+        }
+        // The bound sits where an ordinary quantity never reaches it.
+        assert!(metadata(&serde_json::from_str(r#"{"usd": 1234567.891234}"#).unwrap()).is_ok());
+        assert!(metadata(&serde_json::from_str(r#"{"n": 1e63}"#).unwrap()).is_ok());
+        assert!(metadata(&serde_json::from_str(r#"{"n": 1e64}"#).unwrap()).is_err());
     }
 }

@@ -42,7 +42,13 @@ impl Rng {
                     "123456789012345678901234567890",
                     "-7",
                     "1e308",
-                ][self.below(6) as usize],
+                    "1e-16383",
+                    "1E+5",
+                    "1e63",
+                    "1e64",
+                    "-1.5e-60",
+                    "0.000",
+                ][self.below(12) as usize],
             )
             .unwrap(),
             3 | 4 => {
@@ -71,6 +77,65 @@ fn cases() -> (u64, u64) {
     (n, seed)
 }
 
+/// A JSON number as PostgreSQL's numeric prints it, built digit by digit
+/// (None past a thousand digits either way: far over any bound).
+fn numeric_printed(literal: &str) -> Option<String> {
+    let (sign, body) = literal
+        .strip_prefix('-')
+        .map_or(("", literal), |b| ("-", b));
+    let (mantissa, exp) = match body.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().ok()?),
+        None => (body, 0),
+    };
+    if exp.abs() > 1000 {
+        return None;
+    }
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let mut digits: String = format!("{int}{frac}");
+    let mut point = int.len() as i64 + exp;
+    let scale = (frac.len() as i64 - exp).max(0) as usize;
+    while point > digits.len() as i64 {
+        digits.push('0');
+    }
+    while point < 1 {
+        digits.insert(0, '0');
+        point += 1;
+    }
+    let (whole, rest) = digits.split_at(point as usize);
+    let whole = whole.trim_start_matches('0');
+    let whole = if whole.is_empty() { "0" } else { whole };
+    let mut rest = rest.to_string();
+    while rest.len() < scale {
+        rest.push('0');
+    }
+    let text = if scale > 0 {
+        format!("{whole}.{}", &rest[..scale])
+    } else {
+        whole.to_string()
+    };
+    let zero = text.bytes().all(|b| b == b'0' || b == b'.');
+    Some(if zero { text } else { format!("{sign}{text}") })
+}
+
+#[test]
+fn numbers_print_as_postgresql_prints_them() {
+    for (literal, printed) in [
+        ("1E+5", "100000"),
+        ("1.50", "1.50"),
+        ("-0", "0"),
+        ("0.000", "0.000"),
+        ("1e-3", "0.001"),
+        ("-1.5e-2", "-0.015"),
+        ("120e-1", "12.0"),
+    ] {
+        assert_eq!(
+            numeric_printed(literal).as_deref(),
+            Some(printed),
+            "{literal}"
+        );
+    }
+}
+
 /// The metadata rule, stated independently.
 fn metadata_ok(v: &Value) -> bool {
     let Some(m) = v.as_object() else { return false };
@@ -82,7 +147,9 @@ fn metadata_ok(v: &Value) -> bool {
                 && k != "meter_event_id"
                 && match v {
                     Value::String(s) => (1..=500).contains(&s.chars().count()) && !s.contains('\0'),
-                    Value::Number(n) => n.as_f64().is_some_and(f64::is_finite),
+                    Value::Number(n) => {
+                        numeric_printed(&n.to_string()).is_some_and(|t| t.len() <= 64)
+                    }
                     Value::Bool(_) => true,
                     _ => false,
                 }

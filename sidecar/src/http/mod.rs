@@ -1,15 +1,21 @@
 //! The HTTP server: HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS) with every
 //! wait bounded against a hostile client:
-//!   - connections served at once (a semaphore; more wait in the kernel's backlog);
-//!   - the TLS handshake and each request's headers: POLAR_METER_HEADER_TIMEOUT_SECS;
+//!   - connections served at once (a semaphore; more wait in the kernel's backlog),
+//!     and per client address (clients.rs): POLAR_METER_MAX_CONNECTIONS_PER_CLIENT;
+//!   - the TLS handshake and each request's headers, the first from accept:
+//!     POLAR_METER_HEADER_TIMEOUT_SECS;
 //!   - an idle keep-alive connection: POLAR_METER_IDLE_TIMEOUT_SECS;
-//!   - HTTP/2 streams per connection: POLAR_METER_MAX_H2_STREAMS;
+//!   - HTTP/2 streams per connection: POLAR_METER_MAX_H2_STREAMS, and its
+//!     flow-control windows: the per-connection body budget (budget.rs);
+//!   - bodies being read: one byte budget, global and per connection (budget.rs);
 //!   - the body: POLAR_METER_BODY_TIMEOUT_SECS (routes.rs), and the SQL a
 //!     request runs: the request pool's statement timeout and bounded wait.
 //!
 //! Headers and idleness are watched per connection (hyper's own header timer
 //! would also cut idle keep-alive connections at the header timeout).
 //! Graceful shutdown stops accepting, lets in-flight requests finish, then returns.
+pub mod budget;
+pub mod clients;
 pub mod tls;
 
 use hyper::service::service_fn;
@@ -26,15 +32,30 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::routes::{self, App};
+use crate::problem::Problem;
+use crate::routes::{self, App, Surface};
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_h2_streams: u32,
+    pub clients: clients::Clients,
+    pub bodies: budget::Budget,
 }
+
+/// Where a request came from, for its handler: the socket's peer, and the
+/// client behind it when the peer is a trusted proxy.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub socket: std::net::SocketAddr,
+    pub client: std::net::IpAddr,
+}
+
+/// HTTP/2 lets a peer send this much per stream before we read it; the
+/// connection's window (all streams) is its body budget.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
 
 /// What a connection's watchdog needs to know, updated by its I/O and its requests.
 struct Activity {
@@ -145,6 +166,7 @@ fn overdue(a: &Activity, limits: &Limits) -> Option<&'static str> {
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
+    surface: Surface,
     tls: Option<Arc<tls::Reloadable>>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -158,10 +180,15 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .keep_alive(true);
+    let connection_window = u32::try_from(limits.bodies.limits().connection_bytes)
+        .unwrap_or(u32::MAX)
+        .clamp(H2_STREAM_WINDOW, (1 << 31) - 1);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_h2_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(connection_window)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
@@ -173,7 +200,7 @@ pub async fn serve(
             p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
             _ = &mut shutdown => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
@@ -185,6 +212,23 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let via_proxy = limits.clients.is_trusted_proxy(peer.ip());
+        // A proxy's connections are many clients': those are counted per
+        // request below, by the address the proxy forwards.
+        let client_slot = if via_proxy {
+            None
+        } else {
+            match limits.clients.enter(peer.ip()) {
+                Some(s) => Some(s),
+                None => {
+                    app.metrics
+                        .connections_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = %peer.ip(), "connection refused: the client has its limit");
+                    continue;
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (app, builder, tls, limits, mut stop) = (
             app.clone(),
@@ -194,11 +238,13 @@ pub async fn serve(
             stop_rx.clone(),
         );
         tokio::spawn(async move {
-            let _permit = permit;
+            let (_permit, _client_slot) = (permit, client_slot);
             let activity = Arc::new(Activity {
                 born: Instant::now(),
                 quiet_since_ms: AtomicU64::new(1),
-                head_since_ms: AtomicU64::new(0),
+                // The first request's headers are due from accept: a socket
+                // that never speaks is closed like one that speaks slowly.
+                head_since_ms: AtomicU64::new(1),
                 in_flight: AtomicUsize::new(0),
             });
             let watched = Watched {
@@ -206,10 +252,37 @@ pub async fn serve(
                 activity: activity.clone(),
             };
             let a = activity.clone();
-            let svc = service_fn(move |req| {
+            let conn_budget = limits.bodies.connection();
+            let clients = limits.clients.clone();
+            let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let (app, guard) = (app.clone(), InFlight::new(a.clone()));
+                let client = if via_proxy {
+                    clients.forwarded_client(peer.ip(), req.headers())
+                } else {
+                    peer.ip()
+                };
+                let proxied_slot = via_proxy.then(|| clients.enter(client));
+                req.extensions_mut().insert(conn_budget.clone());
+                req.extensions_mut().insert(Peer {
+                    socket: peer,
+                    client,
+                });
                 async move {
-                    let resp = routes::handle(app, req).await;
+                    let resp = match proxied_slot {
+                        Some(None) => {
+                            app.metrics
+                                .connections_refused
+                                .fetch_add(1, Ordering::Relaxed);
+                            Problem::overloaded()
+                                .into_response(&uuid::Uuid::new_v4().simple().to_string())
+                        }
+                        Some(Some(slot)) => {
+                            let r = routes::handle(app, surface, req).await;
+                            drop(slot);
+                            r
+                        }
+                        None => routes::handle(app, surface, req).await,
+                    };
                     drop(guard);
                     Ok::<_, Infallible>(resp)
                 }
@@ -317,6 +390,12 @@ mod tests {
             idle_timeout: Duration::from_millis(300),
             max_connections: 1,
             max_h2_streams: 1,
+            clients: clients::Clients::new(1, vec![]),
+            bodies: budget::Budget::new(budget::BodyLimits {
+                global_bytes: 1,
+                connection_bytes: 1,
+                wait: Duration::from_millis(1),
+            }),
         }
     }
 
@@ -327,6 +406,14 @@ mod tests {
             head_since_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
         }
+    }
+
+    #[test]
+    fn a_connection_that_never_speaks_is_due_its_headers_from_accept() {
+        let l = limits();
+        let a = activity();
+        a.head_since_ms.store(1, Ordering::Release);
+        assert_eq!(overdue(&a, &l), Some("headers too slow"));
     }
 
     #[test]

@@ -72,15 +72,47 @@ pub struct Settings {
     pub stats: Duration,
 }
 
-/// One flag per job: a wake-up while the job is busy is remembered once,
-/// however many arrive (tokio's Notify keeps a single permit).
+/// A job scans at most this often, however many wake-ups arrive: anyone who
+/// can connect can NOTIFY thousands of times a second.
+pub const MIN_SCAN_GAP: Duration = Duration::from_millis(100);
+
+/// One job's wake-up flag: a wake-up while the job is busy is remembered
+/// once, however many arrive (tokio's Notify keeps a single permit), and
+/// wake-ups start a scan at most every MIN_SCAN_GAP.
+#[derive(Default)]
+pub struct Wake {
+    notify: Notify,
+    last_scan: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Wake {
+    pub fn notify_one(&self) {
+        self.notify.notify_one();
+    }
+
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// How long to hold a woken scan so that scans stay MIN_SCAN_GAP apart;
+    /// counts this scan as started.
+    fn pace(&self, now: std::time::Instant) -> Duration {
+        let mut last = self.last_scan.lock().unwrap();
+        let wait = last.map_or(Duration::ZERO, |l| {
+            (l + MIN_SCAN_GAP).saturating_duration_since(now)
+        });
+        *last = Some(now + wait);
+        wait
+    }
+}
+
 #[derive(Default)]
 pub struct Wakeups {
-    pub drain: Notify,
-    pub provision: Notify,
-    pub reconcile: Notify,
-    pub alerts: Notify,
-    pub probe: Notify,
+    pub drain: Wake,
+    pub provision: Wake,
+    pub reconcile: Wake,
+    pub alerts: Wake,
+    pub probe: Wake,
 }
 
 impl Wakeups {
@@ -109,13 +141,21 @@ impl Jobs {
     /// Waits for a wake-up or the poll interval; false when stopping.
     pub async fn wait(
         &self,
-        what: &Notify,
+        what: &Wake,
         every: Duration,
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
         tokio::select! {
-            _ = what.notified() => true,
-            _ = tokio::time::sleep(every) => true,
+            _ = what.notified() => {}
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return false,
+        }
+        let hold = what.pace(std::time::Instant::now());
+        if hold.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(hold) => true,
             _ = stop.changed() => false,
         }
     }
@@ -198,4 +238,28 @@ pub fn spawn(jobs: Arc<Jobs>, stop: watch::Receiver<bool>) -> Vec<tokio::task::J
         ]);
     }
     handles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn scans_start_at_most_every_min_scan_gap() {
+        let w = Wake::default();
+        let t0 = Instant::now();
+        assert_eq!(w.pace(t0), Duration::ZERO, "the first scan at once");
+        assert_eq!(
+            w.pace(t0 + Duration::from_millis(30)),
+            Duration::from_millis(70)
+        );
+        // That scan starts at t0 + 100 ms; one asked for at once waits for
+        // t0 + 200 ms: a flood never makes more than ten a second.
+        assert_eq!(
+            w.pace(t0 + Duration::from_millis(30)),
+            Duration::from_millis(170)
+        );
+        assert_eq!(w.pace(t0 + Duration::from_secs(5)), Duration::ZERO);
+    }
 }

@@ -35,6 +35,8 @@ pub fn binary(name: &str) -> std::path::PathBuf {
 pub struct Sidecar {
     child: tokio::process::Child,
     pub base: String,
+    /// The admin listener (/metrics, the detailed /readyz).
+    pub admin: String,
     pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -51,15 +53,18 @@ impl Sidecar {
 
     /// A sidecar with this DATABASE_URL (its role already made).
     pub async fn start_url(url: &str, env: &[(&str, &str)]) -> Sidecar {
-        let (child, addr, logs) = spawn_listening(sidecar_command(url, env)).await;
+        let (child, listening, logs) = spawn_listening(sidecar_command(url, env)).await;
         let scheme = if env.iter().any(|(k, _)| *k == "POLAR_METER_TLS_CERT") {
             "https"
         } else {
             "http"
         };
+        let addr = listening["addr"].as_str().unwrap_or_default();
+        let admin = listening["admin_addr"].as_str().unwrap_or_default();
         Sidecar {
             child,
             base: format!("{scheme}://{addr}"),
+            admin: format!("http://{admin}"),
             logs,
         }
     }
@@ -93,6 +98,11 @@ impl Sidecar {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// A path on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.admin)
     }
 
     /// POSTs one fresh event (`e`, now, a new Idempotency-Key); its status.
@@ -151,6 +161,7 @@ fn sidecar_command(url: &str, env: &[(&str, &str)]) -> tokio::process::Command {
         .env_clear()
         .env("DATABASE_URL", url)
         .env("POLAR_METER_LISTEN", "127.0.0.1:0")
+        .env("POLAR_METER_ADMIN_LISTEN", "127.0.0.1:0")
         .env("POLAR_METER_STATS_SECS", "1")
         .env("POLAR_METER_PROBE_SECS", "1")
         .env("LOG_FORMAT", "json")
@@ -165,12 +176,12 @@ fn sidecar_command(url: &str, env: &[(&str, &str)]) -> tokio::process::Command {
 }
 
 /// Spawns a workspace binary with a JSON log on stdout and waits for its
-/// "listening" line; returns the child, its address and its log lines.
+/// "listening" line; returns the child, that line and its log lines.
 async fn spawn_listening(
     mut cmd: tokio::process::Command,
 ) -> (
     tokio::process::Child,
-    String,
+    serde_json::Value,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) {
     cmd.stdout(std::process::Stdio::piped())
@@ -179,7 +190,7 @@ async fn spawn_listening(
     let mut child = cmd.spawn().expect("spawn");
     let stdout = child.stdout.take().unwrap();
     let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    let (tx, rx) = tokio::sync::oneshot::channel::<serde_json::Value>();
     let sink = logs.clone();
     tokio::spawn(async move {
         use tokio::io::AsyncBufReadExt;
@@ -189,18 +200,18 @@ async fn spawn_listening(
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                 if v["message"] == "listening" {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                        let _ = tx.send(v.clone());
                     }
                 }
             }
             sink.lock().unwrap().push(line);
         }
     });
-    let addr = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+    let listening = tokio::time::timeout(std::time::Duration::from_secs(30), rx)
         .await
         .expect("no 'listening' log line within 30s")
         .expect("exited before listening");
-    (child, addr, logs)
+    (child, listening, logs)
 }
 
 /// A running polar-emulator with a token of its own.
@@ -225,10 +236,10 @@ impl Emulator {
         cmd.args(["--listen", "127.0.0.1:0", "--tokens", tokens])
             .args(args)
             .env_clear();
-        let (child, addr, _) = spawn_listening(cmd).await;
+        let (child, listening, _) = spawn_listening(cmd).await;
         Emulator {
             _child: child,
-            base: format!("http://{addr}"),
+            base: format!("http://{}", listening["addr"].as_str().unwrap_or_default()),
             token,
         }
     }

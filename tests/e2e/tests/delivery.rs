@@ -207,13 +207,13 @@ async fn a_refused_token_pauses_delivery_without_consuming_attempts_then_resumes
     emu.faults(json!({"reject_token": true})).await;
     let sent = record_many(&side, &keys, 300, 16).await;
     alert_at(&hook, "polar_unavailable", 60).await;
-    let ready: Value = http().get(side.url("/readyz")).fetch_json().await;
+    let ready: Value = http().get(side.admin_url("/readyz")).fetch_json().await;
     assert_eq!(ready["delivery"]["paused"], true, "{ready}");
     assert!(
         ready["delivery"]["cause"].as_str().unwrap().contains("401"),
         "{ready}"
     );
-    let metrics = http().get(side.url("/metrics")).fetch_text().await;
+    let metrics = http().get(side.admin_url("/metrics")).fetch_text().await;
     assert!(
         metrics.contains("polar_meter_delivery_paused 1"),
         "{metrics}"

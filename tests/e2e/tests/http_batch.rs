@@ -242,7 +242,7 @@ async fn concurrent_single_requests_are_group_committed_and_answered_one_by_one(
     }
     let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 360);
-    let m = http().get(side.url("/metrics")).fetch_text().await;
+    let m = http().get(side.admin_url("/metrics")).fetch_text().await;
     let metric = |name: &str| -> u64 {
         m.lines()
             .find(|l| l.starts_with(name))

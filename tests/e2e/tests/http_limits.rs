@@ -79,7 +79,7 @@ async fn assert_overloaded(r: reqwest::Response) {
 /// An unlabelled figure of the sidecar's /metrics.
 async fn metric(side: &Sidecar, name: &str) -> Option<u64> {
     let text = http()
-        .get(side.url("/metrics"))
+        .get(side.admin_url("/metrics"))
         .send()
         .await
         .ok()?

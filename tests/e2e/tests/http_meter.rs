@@ -172,7 +172,11 @@ async fn secrets_never_reach_the_logs() {
         .await;
     let new_key = created["key"].as_str().unwrap().to_string();
     // Read the metrics so the logs surely include the requests above.
-    http().get(e.side.url("/metrics")).send().await.unwrap();
+    http()
+        .get(e.side.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     let logs = e.side.logs_text();
     assert!(
         logs.contains("api key created over HTTP"),

@@ -294,12 +294,6 @@ async fn real_responses_match_the_openapi_document() {
         ),
         (
             "get",
-            "/metrics",
-            c.get(side.url("/metrics")).send().await.unwrap(),
-            200,
-        ),
-        (
-            "get",
             "/openapi.json",
             c.get(side.url("/openapi.json")).send().await.unwrap(),
             200,

@@ -32,7 +32,13 @@ async fn discovery_health_readiness_and_metrics() {
 
     let h: Value = c.get(side.url("/healthz")).fetch_json().await;
     assert_eq!(h["status"], "ok");
-    let r = c.get(side.url("/readyz")).send().await.unwrap();
+    // The API listener answers load balancers with a bare 200 or 503; the
+    // report is the admin listener's, and so is /metrics.
+    let bare: Value = c.get(side.url("/readyz")).fetch_json().await;
+    assert_eq!(bare, json!({"status": "ready"}));
+    let r = c.get(side.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404, "no metrics on the API listener");
+    let r = c.get(side.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let ready: Value = r.json().await.unwrap();
     assert_eq!(ready["extension_version"], ready["version"]);
@@ -67,7 +73,7 @@ async fn discovery_health_readiness_and_metrics() {
         .await
         .unwrap();
     c.post(side.url("/api/v1/meter")).send().await.unwrap();
-    let r = c.get(side.url("/metrics")).send().await.unwrap();
+    let r = c.get(side.admin_url("/metrics")).send().await.unwrap();
     assert!(r.headers()["content-type"]
         .to_str()
         .unwrap()
@@ -114,6 +120,14 @@ async fn readyz_fails_when_the_extension_version_differs() {
     let side = Sidecar::start(&db, &[]).await;
     let r = http().get(side.url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
+    let bare: Value = r.json().await.unwrap();
+    assert_eq!(bare["type"], "https://polar-meter.dev/problems/not-ready");
+    assert!(
+        !bare.to_string().contains("0.0.1"),
+        "no details on the API listener: {bare}"
+    );
+    let r = http().get(side.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(
         v["type"],
@@ -127,17 +141,17 @@ async fn readyz_keeps_a_sidecar_in_rotation_while_a_newer_extension_still_serves
     let (db, pg) = TestDb::with_admin().await;
     // ALTER EXTENSION ... UPDATE ran first (rolling upgrade): a newer version
     // that still serves this binary keeps it ready.
-    pg.run("UPDATE pg_extension SET extversion = '0.4.0' WHERE extname = 'polar_meter'")
+    pg.run("UPDATE pg_extension SET extversion = '0.5.0' WHERE extname = 'polar_meter'")
         .await;
     let side = Sidecar::start(&db, &[]).await;
-    let r = http().get(side.url("/readyz")).send().await.unwrap();
+    let r = http().get(side.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["extension_version"], "0.4.0");
+    assert_eq!(v["extension_version"], "0.5.0");
     assert_eq!(v["delivery"]["enabled"], false, "{v}");
     // One that no longer serves it takes it out of rotation.
     pg.run("CREATE OR REPLACE FUNCTION meter.oldest_supported_sidecar() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT '9.0.0'::text $$").await;
-    let r = http().get(side.url("/readyz")).send().await.unwrap();
+    let r = http().get(side.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     let v: Value = r.json().await.unwrap();
     assert!(v["detail"].as_str().unwrap().contains("9.0.0"), "{v}");

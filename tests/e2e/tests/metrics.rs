@@ -20,7 +20,7 @@ async fn delivery_metrics_are_exposed_and_promtool_accepts_them() {
         30,
         "the reconcile run and the alert in /metrics",
         || async {
-            let t = http().get(side.url("/metrics")).fetch_text().await;
+            let t = http().get(side.admin_url("/metrics")).fetch_text().await;
             (t.contains("polar_meter_reconcile_last_age_seconds")
                 && t.contains("polar_meter_alerts_raised_total 1"))
             .then_some(t)

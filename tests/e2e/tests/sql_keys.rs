@@ -321,14 +321,25 @@ async fn rotation_hands_over_to_a_new_key_within_the_grace() {
         .unwrap()
         .get(0);
     assert!(kept);
+    let (zero_id, zero_key) = db.key(&c, "acme", &["keys:manage"]).await;
     c.query_one(
         "SELECT new_id FROM meter.rotate_api_key($1, interval '0')",
-        &[&old_id],
+        &[&zero_id],
     )
     .await
     .unwrap();
-    assert_eq!(sqlstate(verify(old_key).await), "PM004");
+    assert_eq!(sqlstate(verify(zero_key).await), "PM004");
     assert_eq!(verify(short_key).await.unwrap(), short_id);
+    // A key is rotated once: a second rotation would give a replacement that
+    // dies when the first grace period ends.
+    assert_eq!(
+        sqlstate(
+            c.query("SELECT * FROM meter.rotate_api_key($1)", &[&old_id])
+                .await
+        ),
+        "PM007"
+    );
+    assert_eq!(verify(old_key).await.unwrap(), old_id, "still in its grace");
 
     // Refusals, each with its own code.
     c.query_one("SELECT meter.revoke_api_key($1)", &[&new_id])
@@ -340,7 +351,7 @@ async fn rotation_hands_over_to_a_new_key_within_the_grace() {
             "PM003",
         ),
         (
-            format!("SELECT * FROM meter.rotate_api_key('{old_id}')"),
+            format!("SELECT * FROM meter.rotate_api_key('{zero_id}')"),
             "PM004",
         ),
         (
@@ -362,4 +373,113 @@ async fn rotation_hands_over_to_a_new_key_within_the_grace() {
     ] {
         assert_eq!(sqlstate(c.query(&sql, &[]).await), code, "{sql}");
     }
+}
+
+/// A key minted over HTTP (create_own_api_key) records its minter; revoking
+/// a key revokes what it minted, transitively; a rotation's replacement takes
+/// its predecessor's place; the audit rows name the minting key.
+#[tokio::test]
+async fn minted_keys_die_with_their_minter_and_follow_its_replacement() {
+    let (db, c) = TestDb::with_admin().await;
+    db.org(&c, "acme").await;
+    let (root_id, root_key) = db.key(&c, "acme", &["fence:meter", "keys:manage"]).await;
+    let mint = |by: String, perms: &'static str| {
+        let c = &c;
+        async move {
+            let r = c
+                .query_one(
+                    "SELECT id, key FROM meter.create_own_api_key($1, 'child', $2::text[])",
+                    &[&by, &perms],
+                )
+                .await
+                .unwrap();
+            (r.get::<_, uuid::Uuid>(0), r.get::<_, String>(1))
+        }
+    };
+    let (child_id, child_key) = mint(root_key.clone(), "{fence:meter,keys:manage}").await;
+    let (grandchild_id, grandchild_key) = mint(child_key.clone(), "{fence:meter}").await;
+    let (sibling_id, _) = mint(root_key.clone(), "{fence:meter}").await;
+    let minted: Vec<(uuid::Uuid, Option<uuid::Uuid>)> = c
+        .query(
+            "SELECT id, minted_by FROM meter.api_key WHERE id = ANY($1) ORDER BY created_at, id",
+            &[&vec![root_id, child_id, grandchild_id, sibling_id]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let by = |id: uuid::Uuid| minted.iter().find(|(k, _)| *k == id).unwrap().1;
+    assert_eq!(by(root_id), None, "a key made in SQL is a root");
+    assert_eq!(by(child_id), Some(root_id));
+    assert_eq!(by(grandchild_id), Some(child_id));
+    let audit: String = c
+        .query_one(
+            "SELECT detail->>'minted_by' FROM meter.audit_log WHERE action = 'api_key.created' AND subject = $1",
+            &[&grandchild_id.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        audit,
+        child_id.to_string(),
+        "the audit row names the minter"
+    );
+
+    // Rotating the child: its replacement takes its place, and the
+    // grandchild now hangs from the replacement.
+    let replacement: uuid::Uuid = c
+        .query_one(
+            "SELECT new_id FROM meter.rotate_api_key($1, interval '0')",
+            &[&child_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (new_minter, grand_minter): (Option<uuid::Uuid>, Option<uuid::Uuid>) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT minted_by FROM meter.api_key WHERE id = $1), (SELECT minted_by FROM meter.api_key WHERE id = $2)",
+                &[&replacement, &grandchild_id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(new_minter, Some(root_id));
+    assert_eq!(grand_minter, Some(replacement));
+
+    // Revoking the root revokes every key below it, each audited.
+    c.query_one("SELECT meter.revoke_api_key($1)", &[&root_id])
+        .await
+        .unwrap();
+    let alive: i64 = c
+        .query_one(
+            "SELECT count(*) FROM meter.api_key WHERE organization_id = 'acme' AND revoked_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        alive, 0,
+        "root, child, its replacement, grandchild and sibling"
+    );
+    let audited: i64 = c
+        .query_one(
+            "SELECT count(*) FROM meter.audit_log WHERE action = 'api_key.revoked' AND detail->>'with' = $1",
+            &[&root_id.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, 4, "child, replacement, grandchild, sibling");
+    let refused = c
+        .query_one(
+            "SELECT api_key_id FROM meter.verify_api_key($1, 'fence:meter')",
+            &[&grandchild_key],
+        )
+        .await;
+    assert_eq!(sqlstate(refused), "PM003");
 }

@@ -9,8 +9,9 @@ use pm_e2e::{connect, sqlstate};
 use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
+/// The release whose GUCs and global audit chain the records test upgrades.
 const PREVIOUS: &str = "0.2.0";
-const RELEASES: [&str; 2] = ["0.1.0", "0.2.0"];
+const RELEASES: [&str; 3] = ["0.1.0", "0.2.0", "0.3.0"];
 
 /// A database without the extension, created with it at `version` (None:
 /// the default, i.e. current, version).

@@ -1,0 +1,1 @@
+-- polar_meter 0.3.0 -> 0.4.0, part 3 of 3 (hand-written): what needs 0.4.0's functions.

@@ -1679,20 +1679,14 @@ $$;
 COMMENT ON FUNCTION meter._event_payload(meter.meter_event) IS
   'Internal: the event as Polar''s EventCreateExternalCustomer: name, external_customer_id = org id, stable external_id, UTC timestamp, metadata plus meter_event_id.';
 
-CREATE OR REPLACE FUNCTION meter.due_organizations(max_orgs int DEFAULT 100)
+CREATE OR REPLACE FUNCTION meter._due_organizations(max_orgs int)
 RETURNS TABLE (organization_id text, oldest_due timestamptz)
 LANGUAGE plpgsql
 STABLE
-SECURITY DEFINER
-SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := now();
 BEGIN
-    IF max_orgs IS NULL OR max_orgs < 1 OR max_orgs > meter._bound('organizations') THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM051',
-            MESSAGE = format('max_orgs must be 1 to %s', meter._bound('organizations'));
-    END IF;
     IF meter._distributed() THEN
         -- Citus cannot run a recursive CTE across shards: each shard groups
         -- its own organizations and the coordinator merges.
@@ -1730,6 +1724,24 @@ BEGIN
     WHERE d.due <= v_now
     ORDER BY d.due
     LIMIT max_orgs;
+END
+$$;
+COMMENT ON FUNCTION meter._due_organizations(int) IS
+  'Internal: organizations with events due now and a Polar customer, the longest-waiting first (at most max_orgs); behind due_organizations and the health checks.';
+
+CREATE OR REPLACE FUNCTION meter.due_organizations(max_orgs int DEFAULT 100)
+RETURNS TABLE (organization_id text, oldest_due timestamptz)
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF max_orgs IS NULL OR max_orgs < 1 OR max_orgs > meter._bound('organizations') THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051',
+            MESSAGE = format('max_orgs must be 1 to %s', meter._bound('organizations'));
+    END IF;
+    RETURN QUERY SELECT * FROM meter._due_organizations(max_orgs);
 END
 $$;
 COMMENT ON FUNCTION meter.due_organizations(int) IS
@@ -2706,13 +2718,13 @@ DECLARE
 BEGIN
     -- Events due for too long, of organizations that can be delivered to
     -- (those still waiting for a customer raise customer_provisioning_failed).
-    SELECT min(d.oldest_due) INTO v_oldest FROM meter.due_organizations(1000000) d;
+    SELECT min(d.oldest_due) INTO v_oldest FROM meter._due_organizations(1000000) d;
     IF v_oldest < v_stale THEN
       -- Nested, not AND: plpgsql does not promise to short-circuit, and
       -- _alert_due records that the alert fired.
       IF meter._alert_due('outbox_stale', '') THEN
         PERFORM meter._alert('outbox_stale', '', jsonb_build_object('oldest_due_since', v_oldest,
-            'organizations', (SELECT count(*) FROM meter.due_organizations(1000000) d WHERE d.oldest_due < v_stale)));
+            'organizations', (SELECT count(*) FROM meter._due_organizations(1000000) d WHERE d.oldest_due < v_stale)));
         n := n + 1;
       END IF;
     END IF;
@@ -2812,7 +2824,7 @@ BEGIN
     SELECT coalesce(jsonb_object_agg(s.st, s.n), '{}') INTO v_dead FROM (
         SELECT e.polar_status AS st, count(*) AS n FROM meter.meter_event e
         WHERE e.polar_status IN ('dropped', 'rejected') GROUP BY 1) s;
-    SELECT min(d.oldest_due) INTO v_oldest FROM meter.due_organizations(1000000) d;
+    SELECT min(d.oldest_due) INTO v_oldest FROM meter._due_organizations(1000000) d;
     SELECT count(*) INTO v_waiting FROM meter.meter_event e
     JOIN meter.organization o ON o.id = e.organization_id AND o.polar_customer_id IS NULL
     WHERE e.polar_status IN ('pending', 'failed', 'in_flight');

@@ -19,13 +19,13 @@ DECLARE
 BEGIN
     -- Events due for too long, of organizations that can be delivered to
     -- (those still waiting for a customer raise customer_provisioning_failed).
-    SELECT min(d.oldest_due) INTO v_oldest FROM meter.due_organizations(1000000) d;
+    SELECT min(d.oldest_due) INTO v_oldest FROM meter._due_organizations(1000000) d;
     IF v_oldest < v_stale THEN
       -- Nested, not AND: plpgsql does not promise to short-circuit, and
       -- _alert_due records that the alert fired.
       IF meter._alert_due('outbox_stale', '') THEN
         PERFORM meter._alert('outbox_stale', '', jsonb_build_object('oldest_due_since', v_oldest,
-            'organizations', (SELECT count(*) FROM meter.due_organizations(1000000) d WHERE d.oldest_due < v_stale)));
+            'organizations', (SELECT count(*) FROM meter._due_organizations(1000000) d WHERE d.oldest_due < v_stale)));
         n := n + 1;
       END IF;
     END IF;
@@ -125,7 +125,7 @@ BEGIN
     SELECT coalesce(jsonb_object_agg(s.st, s.n), '{}') INTO v_dead FROM (
         SELECT e.polar_status AS st, count(*) AS n FROM meter.meter_event e
         WHERE e.polar_status IN ('dropped', 'rejected') GROUP BY 1) s;
-    SELECT min(d.oldest_due) INTO v_oldest FROM meter.due_organizations(1000000) d;
+    SELECT min(d.oldest_due) INTO v_oldest FROM meter._due_organizations(1000000) d;
     SELECT count(*) INTO v_waiting FROM meter.meter_event e
     JOIN meter.organization o ON o.id = e.organization_id AND o.polar_customer_id IS NULL
     WHERE e.polar_status IN ('pending', 'failed', 'in_flight');

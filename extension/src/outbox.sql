@@ -36,20 +36,14 @@ $$;
 COMMENT ON FUNCTION meter._event_payload(meter.meter_event) IS
   'Internal: the event as Polar''s EventCreateExternalCustomer: name, external_customer_id = org id, stable external_id, UTC timestamp, metadata plus meter_event_id.';
 
-CREATE FUNCTION meter.due_organizations(max_orgs int DEFAULT 100)
+CREATE FUNCTION meter._due_organizations(max_orgs int)
 RETURNS TABLE (organization_id text, oldest_due timestamptz)
 LANGUAGE plpgsql
 STABLE
-SECURITY DEFINER
-SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := now();
 BEGIN
-    IF max_orgs IS NULL OR max_orgs < 1 OR max_orgs > meter._bound('organizations') THEN
-        RAISE EXCEPTION USING ERRCODE = 'PM051',
-            MESSAGE = format('max_orgs must be 1 to %s', meter._bound('organizations'));
-    END IF;
     IF meter._distributed() THEN
         -- Citus cannot run a recursive CTE across shards: each shard groups
         -- its own organizations and the coordinator merges.
@@ -87,6 +81,24 @@ BEGIN
     WHERE d.due <= v_now
     ORDER BY d.due
     LIMIT max_orgs;
+END
+$$;
+COMMENT ON FUNCTION meter._due_organizations(int) IS
+  'Internal: organizations with events due now and a Polar customer, the longest-waiting first (at most max_orgs); behind due_organizations and the health checks.';
+
+CREATE FUNCTION meter.due_organizations(max_orgs int DEFAULT 100)
+RETURNS TABLE (organization_id text, oldest_due timestamptz)
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF max_orgs IS NULL OR max_orgs < 1 OR max_orgs > meter._bound('organizations') THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051',
+            MESSAGE = format('max_orgs must be 1 to %s', meter._bound('organizations'));
+    END IF;
+    RETURN QUERY SELECT * FROM meter._due_organizations(max_orgs);
 END
 $$;
 COMMENT ON FUNCTION meter.due_organizations(int) IS

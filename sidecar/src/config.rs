@@ -170,6 +170,11 @@ pub struct Config {
     #[arg(long, env = "POLAR_METER_CONNECTION_BODY_BUDGET_BYTES", default_value_t = 2 * 1024 * 1024)]
     pub connection_body_budget_bytes: usize,
 
+    /// Bytes of request bodies being read at once for one client address, all its
+    /// connections (a trusted proxy's connections count per connection only).
+    #[arg(long, env = "POLAR_METER_CLIENT_BODY_BUDGET_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub client_body_budget_bytes: usize,
+
     /// Connections one client address may hold open; past it new ones are closed at once.
     /// For a trusted proxy's connections, requests in progress per forwarded client instead.
     #[arg(
@@ -335,12 +340,13 @@ impl Config {
         }
         let need = self.batch_max_body_bytes.max(self.max_body_bytes);
         if self.connection_body_budget_bytes < need
-            || self.body_budget_bytes < self.connection_body_budget_bytes
+            || self.client_body_budget_bytes < self.connection_body_budget_bytes
+            || self.body_budget_bytes < self.client_body_budget_bytes
         {
             return Err(format!(
-                "POLAR_METER_CONNECTION_BODY_BUDGET_BYTES ({}) must be at least the largest body limit ({need}) \
-                 and at most POLAR_METER_BODY_BUDGET_BYTES ({})",
-                self.connection_body_budget_bytes, self.body_budget_bytes
+                "body budgets must nest: the largest body limit ({need}) <= POLAR_METER_CONNECTION_BODY_BUDGET_BYTES ({}) \
+                 <= POLAR_METER_CLIENT_BODY_BUDGET_BYTES ({}) <= POLAR_METER_BODY_BUDGET_BYTES ({})",
+                self.connection_body_budget_bytes, self.client_body_budget_bytes, self.body_budget_bytes
             ));
         }
         crate::polar::check_base_url(&self.polar_base_url(), self.polar_allow_insecure_url)

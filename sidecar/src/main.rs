@@ -219,6 +219,7 @@ async fn serve(cfg: Config) -> Result<(), String> {
     let bodies = polar_meterd::http::budget::Budget::new(polar_meterd::http::budget::BodyLimits {
         global_bytes: cfg.body_budget_bytes,
         connection_bytes: cfg.connection_body_budget_bytes,
+        client_bytes: cfg.client_body_budget_bytes,
         wait: Duration::from_millis(cfg.pool_wait_ms.max(1)),
     });
     let admission_ttl = Duration::from_secs(cfg.admission_ttl_secs);
@@ -287,6 +288,7 @@ async fn serve(cfg: Config) -> Result<(), String> {
         bodies: polar_meterd::http::budget::Budget::new(polar_meterd::http::budget::BodyLimits {
             global_bytes: 64 * 1024,
             connection_bytes: 64 * 1024,
+            client_bytes: 64 * 1024,
             wait: Duration::from_millis(1),
         }),
         ..limits.clone()

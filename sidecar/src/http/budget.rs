@@ -1,12 +1,15 @@
 //! One memory budget for request bodies being read, HTTP/1.1 and HTTP/2
 //! together: every byte read into a request's buffer is a permit taken from
-//! the process's budget and from its connection's, held until the body has
-//! been parsed. Past either a request waits briefly, then is refused (503 +
+//! its connection's share, its client address's share and the process's
+//! budget, held until the body has been parsed. The client's share keeps one
+//! address with many connections from taking the whole budget from others. Past either a request waits briefly, then is refused (503 +
 //! Retry-After), so no number of slow or unfinished bodies can hold more
 //! than the budget. HTTP/2's flow-control windows are sized from the
 //! per-connection budget (http/mod.rs), so what a peer may send before we
 //! read it is bounded by the same figure.
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -18,6 +21,8 @@ pub struct BodyLimits {
     pub global_bytes: usize,
     /// Bytes of bodies being read on one connection (all its HTTP/2 streams).
     pub connection_bytes: usize,
+    /// Bytes of bodies being read for one client address, all its connections.
+    pub client_bytes: usize,
     /// Longest wait for budget before a 503.
     pub wait: Duration,
 }
@@ -26,6 +31,8 @@ pub struct BodyLimits {
 #[derive(Clone)]
 pub struct Budget {
     global: Arc<Semaphore>,
+    /// Each client address's share while it has a connection open.
+    clients: Arc<Mutex<HashMap<IpAddr, Weak<Semaphore>>>>,
     limits: BodyLimits,
 }
 
@@ -33,6 +40,7 @@ pub struct Budget {
 #[derive(Clone)]
 pub struct ConnectionBudget {
     global: Arc<Semaphore>,
+    client: Option<Arc<Semaphore>>,
     connection: Arc<Semaphore>,
     wait: Duration,
 }
@@ -47,13 +55,27 @@ impl Budget {
     pub fn new(limits: BodyLimits) -> Self {
         Budget {
             global: Arc::new(Semaphore::new(limits.global_bytes.max(1))),
+            clients: Arc::default(),
             limits,
         }
     }
 
-    pub fn connection(&self) -> ConnectionBudget {
+    /// A new connection's share; `client` is None for a trusted proxy's
+    /// connections (they carry many clients).
+    pub fn connection(&self, client: Option<IpAddr>) -> ConnectionBudget {
+        let client = client.map(|ip| {
+            let mut clients = self.clients.lock().unwrap();
+            if let Some(s) = clients.get(&ip).and_then(Weak::upgrade) {
+                return s;
+            }
+            clients.retain(|_, w| w.strong_count() > 0);
+            let s = Arc::new(Semaphore::new(self.limits.client_bytes.max(1)));
+            clients.insert(ip, Arc::downgrade(&s));
+            s
+        });
         ConnectionBudget {
             global: self.global.clone(),
+            client,
             connection: Arc::new(Semaphore::new(self.limits.connection_bytes.max(1))),
             wait: self.limits.wait,
         }
@@ -73,14 +95,20 @@ impl Budget {
 }
 
 impl ConnectionBudget {
-    /// Takes `n` bytes for `held`: from the connection's share first (so one
-    /// connection cannot drain the process's budget), then the process's.
+    /// Takes `n` bytes for `held`: from the connection's share, then the
+    /// client's (so neither one connection nor one address can drain the
+    /// process's budget), then the process's.
     pub async fn take(&self, held: &mut Held, n: usize) -> Result<(), Problem> {
         if n == 0 {
             return Ok(());
         }
         let n32 = u32::try_from(n).map_err(|_| budget_exhausted())?;
-        for sem in [&self.connection, &self.global] {
+        let shares = [
+            Some(&self.connection),
+            self.client.as_ref(),
+            Some(&self.global),
+        ];
+        for sem in shares.into_iter().flatten() {
             let permit = match sem.clone().try_acquire_many_owned(n32) {
                 Ok(p) => p,
                 Err(_) => tokio::time::timeout(self.wait, sem.clone().acquire_many_owned(n32))
@@ -110,6 +138,7 @@ mod tests {
         Budget::new(BodyLimits {
             global_bytes: global,
             connection_bytes: connection,
+            client_bytes: global,
             wait: Duration::from_millis(20),
         })
     }
@@ -117,7 +146,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_cannot_take_more_than_its_share() {
         let b = budget(1000, 100);
-        let c = b.connection();
+        let c = b.connection(None);
         let mut held = Held::default();
         c.take(&mut held, 60).await.unwrap();
         let refused = c.take(&mut held, 60).await.unwrap_err();
@@ -125,7 +154,7 @@ mod tests {
         assert_eq!(b.in_use(), 60);
         // Another connection has its own share of what is left.
         let mut other = Held::default();
-        b.connection().take(&mut other, 100).await.unwrap();
+        b.connection(None).take(&mut other, 100).await.unwrap();
         assert_eq!(b.in_use(), 160);
         drop(held);
         drop(other);
@@ -135,7 +164,7 @@ mod tests {
     #[tokio::test]
     async fn connections_together_cannot_take_more_than_the_budget() {
         let b = budget(250, 100);
-        let conns: Vec<_> = (0..3).map(|_| b.connection()).collect();
+        let conns: Vec<_> = (0..3).map(|_| b.connection(None)).collect();
         let mut held: Vec<Held> = (0..3).map(|_| Held::default()).collect();
         conns[0].take(&mut held[0], 100).await.unwrap();
         conns[1].take(&mut held[1], 100).await.unwrap();
@@ -148,13 +177,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_client_address_cannot_take_more_than_its_share() {
+        let b = Budget::new(BodyLimits {
+            global_bytes: 1000,
+            connection_bytes: 100,
+            client_bytes: 250,
+            wait: Duration::from_millis(20),
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let conns: Vec<_> = (0..4).map(|_| b.connection(Some(a))).collect();
+        let mut held = Held::default();
+        conns[0].take(&mut held, 100).await.unwrap();
+        conns[1].take(&mut held, 100).await.unwrap();
+        assert!(
+            conns[2].take(&mut held, 100).await.is_err(),
+            "past 250 for one address"
+        );
+        let other = b.connection(Some("10.0.0.2".parse().unwrap()));
+        other.take(&mut Held::default(), 100).await.unwrap();
+        // Shares of addresses with no connection left are forgotten.
+        drop(conns);
+        drop(held);
+        let _fresh = b.connection(Some("10.0.0.3".parse().unwrap()));
+        assert!(b.clients.lock().unwrap().len() <= 2);
+    }
+
+    #[tokio::test]
     async fn a_brief_wait_is_served_when_budget_frees_in_time() {
         let b = Budget::new(BodyLimits {
             global_bytes: 100,
             connection_bytes: 100,
+            client_bytes: 100,
             wait: Duration::from_secs(5),
         });
-        let (c1, c2) = (b.connection(), b.connection());
+        let (c1, c2) = (b.connection(None), b.connection(None));
         let mut h1 = Held::default();
         c1.take(&mut h1, 100).await.unwrap();
         let waiter = tokio::spawn(async move {

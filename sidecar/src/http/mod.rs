@@ -53,9 +53,14 @@ pub struct Peer {
     pub client: std::net::IpAddr,
 }
 
-/// HTTP/2 lets a peer send this much per stream before we read it; the
-/// connection's window (all streams) is its body budget.
+/// HTTP/2 lets a peer send this much per stream before we read it.
 const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// ... and, all streams together, this share of the connection's body
+/// budget: bytes sent but not yet read (streams waiting for budget, or for
+/// their key's admission) sit in hyper's buffers, outside the budget, so they
+/// are kept to an eighth of it (256 KiB by default). A large body still flows,
+/// at a window update per read.
+const H2_WINDOW_SHARE: usize = 8;
 
 /// What a connection's watchdog needs to know, updated by its I/O and its requests.
 struct Activity {
@@ -180,9 +185,10 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .keep_alive(true);
-    let connection_window = u32::try_from(limits.bodies.limits().connection_bytes)
-        .unwrap_or(u32::MAX)
-        .clamp(H2_STREAM_WINDOW, (1 << 31) - 1);
+    let connection_window =
+        u32::try_from(limits.bodies.limits().connection_bytes / H2_WINDOW_SHARE)
+            .unwrap_or(u32::MAX)
+            .clamp(H2_STREAM_WINDOW, (1 << 31) - 1);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -252,7 +258,7 @@ pub async fn serve(
                 activity: activity.clone(),
             };
             let a = activity.clone();
-            let conn_budget = limits.bodies.connection();
+            let conn_budget = limits.bodies.connection((!via_proxy).then(|| peer.ip()));
             let clients = limits.clients.clone();
             let svc = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let (app, guard) = (app.clone(), InFlight::new(a.clone()));
@@ -394,6 +400,7 @@ mod tests {
             bodies: budget::Budget::new(budget::BodyLimits {
                 global_bytes: 1,
                 connection_bytes: 1,
+                client_bytes: 1,
                 wait: Duration::from_millis(1),
             }),
         }

@@ -3,6 +3,7 @@
 //! Delivery to the webhook is at least once: a sidecar that dies between the
 //! POST and the report leaves the alert to be claimed again when its lease
 //! ends, with the same dedup_key. Without a webhook the log is the delivery.
+
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,6 +11,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{JobError, Jobs};
+
+/// Characters of an alert's detail written to the log (the webhook gets all of it).
+const LOGGED_DETAIL_CHARS: usize = 1000;
 
 pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
     let http = reqwest::Client::builder()
@@ -68,8 +72,16 @@ async fn forward_due(jobs: &Jobs, http: &reqwest::Client) -> Result<(), JobError
         for row in rows {
             let body = webhook_body(&row);
             let (org, id): (String, i64) = (row.get(0), row.get(1));
-            tracing::warn!(kind = %body["kind"], organization_id = %org, alert_id = %body["alert_id"],
-                dedup_key = %body["dedup_key"], detail = %body["detail"], "alert");
+            // Plain values, and the detail cut short: the log is not the place
+            // for a payload of any size.
+            let detail = body["detail"].to_string();
+            let detail = match detail.char_indices().nth(LOGGED_DETAIL_CHARS) {
+                Some((cut, _)) => format!("{}…", &detail[..cut]),
+                None => detail,
+            };
+            tracing::warn!(kind = body["kind"].as_str().unwrap_or_default(), organization_id = %org,
+                alert_id = body["alert_id"].as_str().unwrap_or_default(),
+                dedup_key = body["dedup_key"].as_str().unwrap_or_default(), detail, "alert");
             let result = match &url {
                 None => Ok(()),
                 Some(url) => match http.post(url).json(&body).send().await {

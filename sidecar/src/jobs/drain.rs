@@ -117,7 +117,9 @@ async fn send(jobs: &Jobs, org: &str, batch: Uuid, events: &[Event]) -> Result<F
                 duplicates,
             } => {
                 jobs.health.success();
-                if inserted + duplicates != chunk.len() as u64 {
+                // Checked: Polar's figures are untrusted input, and a wrapped
+                // sum could equal the batch size.
+                if inserted.checked_add(duplicates) != Some(chunk.len() as u64) {
                     let detail = format!(
                         "inserted {inserted} + duplicates {duplicates} for {} events",
                         chunk.len()

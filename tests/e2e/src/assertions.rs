@@ -53,6 +53,28 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// The same, from another loopback address (127.0.0.2, ...): another client
+/// as far as per-client limits go.
+pub fn http_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+/// A process's resident memory, in MiB, as the kernel reports it.
+pub fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/pid/status");
+    kib / 1024
+}
+
 /// A fresh idempotency key.
 pub fn idem() -> String {
     uuid::Uuid::new_v4().to_string()

@@ -1144,7 +1144,9 @@ DECLARE
     v_now timestamptz := now();
     v_org text;
     v_revoked timestamptz;
-    n bigint;
+    v_frontier uuid[] := ARRAY[revoke_api_key.id];
+    v_next uuid[];
+    r record;
 BEGIN
     SELECT k.organization_id, k.revoked_at INTO v_org, v_revoked FROM meter.api_key k
     WHERE k.id = revoke_api_key.id FOR UPDATE;
@@ -1157,19 +1159,20 @@ BEGIN
     END IF;
     PERFORM meter._audit(v_org, 'api_key.revoked', revoke_api_key.id::text, '{}');
     -- What a key minted dies with it, and what those minted, and so on: a
-    -- stolen keys:manage key cannot leave heirs behind once revoked.
-    WITH RECURSIVE heirs(id) AS (
-        SELECT k.id FROM meter.api_key k WHERE k.minted_by = revoke_api_key.id
-        UNION
-        SELECT k.id FROM meter.api_key k JOIN heirs h ON k.minted_by = h.id
-    ), revoked AS (
-        UPDATE meter.api_key k SET revoked_at = v_now
-        FROM heirs h WHERE k.id = h.id AND k.revoked_at IS NULL
-        RETURNING k.organization_id, k.id
-    )
-    SELECT count(meter._audit(r.organization_id, 'api_key.revoked', r.id::text,
-                              jsonb_build_object('with', revoke_api_key.id)))
-    INTO n FROM revoked r;
+    -- stolen keys:manage key cannot leave heirs behind once revoked. A level
+    -- at a time (no recursive CTE: Citus cannot run one), each key once.
+    LOOP
+        v_next := '{}';
+        FOR r IN UPDATE meter.api_key k SET revoked_at = v_now
+                 WHERE k.minted_by = ANY (v_frontier) AND k.revoked_at IS NULL
+                 RETURNING k.organization_id, k.id LOOP
+            PERFORM meter._audit(r.organization_id, 'api_key.revoked', r.id::text,
+                                 jsonb_build_object('with', revoke_api_key.id));
+            v_next := v_next || r.id;
+        END LOOP;
+        EXIT WHEN cardinality(v_next) = 0;
+        v_frontier := v_next;
+    END LOOP;
     RETURN v_revoked;
 END
 $$;

@@ -64,6 +64,40 @@ const NUMBERS: &[&str] = &[
     "+1",
 ];
 
+/// A JSON number literal (or something that looks like one): the fixed list,
+/// exponents -400..400 on plain and fractional mantissas, thousand-digit
+/// integers, `-0`, `1E+5`. PostgreSQL's numeric prints some of these in
+/// thousands of characters; each must be a 400 naming the field, or stored.
+fn number(r: &mut Rng) -> String {
+    match r.below(5) {
+        0 | 1 => r.pick(NUMBERS).to_string(),
+        2 => {
+            let exp = r.below(801) as i64 - 400;
+            let mantissa = ["1", "-1", "9.99", "0.5", "-0", "123456789"][r.below(6) as usize];
+            let e = ["e", "E", "e+", "E-"][r.below(4) as usize];
+            if e.ends_with('-') {
+                format!("{mantissa}{e}{}", exp.abs())
+            } else {
+                format!("{mantissa}{e}{exp}")
+            }
+        }
+        3 => {
+            let digits = 1 + r.below(1000) as usize;
+            let mut s: String = (0..digits)
+                .map(|_| char::from(b'0' + r.below(10) as u8))
+                .collect();
+            if r.below(2) == 0 {
+                s.insert(0, '-');
+            }
+            if s.trim_start_matches('-').starts_with('0') && s.trim_start_matches('-').len() > 1 {
+                s = s.replacen('0', "1", 1);
+            }
+            s
+        }
+        _ => ["-0", "1E+5", "1e-16383", "1e64", "1e63", "-0.000"][r.below(6) as usize].to_string(),
+    }
+}
+
 /// Any RFC 3339 shape: years 0001-9999, leap seconds, 0 to 12 fraction
 /// digits, offsets from -23:59 to +23:59 or Z; and a few that are not.
 fn ts(r: &mut Rng) -> Value {
@@ -166,7 +200,7 @@ fn request(r: &mut Rng, key: &str, i: usize) -> (Vec<(String, Vec<u8>)>, Vec<u8>
         }
         10 => format!(
             "{{\"event_name\":\"e\",\"event_timestamp\":\"2026-01-01T00:00:00Z\",\"metadata\":{{\"n\":{}}}}}",
-            r.pick(NUMBERS)
+            number(r)
         )
         .into_bytes(),
         11 => match r.below(3) {
@@ -358,7 +392,10 @@ fn batch_item(r: &mut Rng, i: usize, j: usize) -> Value {
             json!({"idempotency_key": r.pick(NASTY), "event_name": r.pick(NASTY), "event_timestamp": "2026-01-01T00:00:00Z"})
         }
         3 => {
-            json!({"idempotency_key": key, "event_name": "e", "event_timestamp": ts(r), "metadata": {"n": r.pick(NUMBERS)}})
+            // A number as the client wrote it (a string where it is no JSON number).
+            let lit = number(r);
+            let n = serde_json::from_str::<Value>(&lit).unwrap_or(Value::String(lit));
+            json!({"idempotency_key": key, "event_name": "e", "event_timestamp": ts(r), "metadata": {"n": n}})
         }
         4 => json!({"idempotency_key": key, "event_name": 7, "event_timestamp": false}),
         5 => json!({"idempotency_key": key, "event_name": "e", "event_timestamp": ts(r)}),

@@ -161,10 +161,11 @@ async fn a_bad_envelope_is_refused_whole() {
 }
 
 #[tokio::test]
-async fn a_batch_that_fails_whole_is_retried_item_by_item() {
+async fn a_value_postgresql_cannot_store_fails_its_item_alone() {
     let (_db, pg, key, side) = setup(&[]).await;
-    // jsonb cannot hold \u0000: the set-based call fails as a whole, and the
-    // items are then recorded one by one, so only that item fails.
+    // jsonb cannot hold \u0000 (it would fail the set-based call as a
+    // whole): the item is answered before the call, naming its field, and
+    // its neighbours are recorded.
     let body = r#"{"events": [
         {"idempotency_key": "ok-1", "event_name": "e", "event_timestamp": "2026-01-01T00:00:00Z"},
         {"idempotency_key": "nul", "event_name": "e", "event_timestamp": "2026-01-01T00:00:00Z", "metadata": {"k": "a\u0000b"}},
@@ -188,7 +189,14 @@ async fn a_batch_that_fails_whole_is_retried_item_by_item() {
     assert_eq!(statuses, ["recorded", "error", "recorded"]);
     assert_eq!(
         v["results"][1]["problem"]["type"],
-        "https://polar-meter.dev/problems/invalid-input"
+        "https://polar-meter.dev/problems/invalid-metadata"
+    );
+    assert!(
+        v["results"][1]["problem"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("metadata.k"),
+        "{v}"
     );
     let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 2);

@@ -100,7 +100,7 @@ async fn every_error_has_its_status_and_type() {
         (Some(&key), Some(long_idem), body(&good), 400, "invalid-idempotency-key", ""),
         (Some(&key), Some(idem()), with(&|v| v["event_name"] = json!("n".repeat(129))), 400, "invalid-event-name", "event_name"),
         (Some(&key), Some(idem()), with(&|v| v["metadata"] = json!({"deep": {"x": 1}})), 400, "invalid-metadata", "metadata.deep"),
-        (Some(&key), Some(idem()), with(&|v| v["metadata"] = json!({"nul": "a\u{0}b"})), 400, "invalid-input", ""),
+        (Some(&key), Some(idem()), with(&|v| v["metadata"] = json!({"nul": "a\u{0}b"})), 400, "invalid-metadata", "metadata.nul"),
         (Some(&key), Some(idem()), with(&|v| v["event_timestamp"] = json!("2026-01-01T00:00:00")), 400, "invalid-timestamp", "event_timestamp"),
         (Some(&key), Some(idem()), with(&|v| v["event_timestamp"] = json!("2999-01-01T00:00:00Z")), 400, "timestamp-in-future", "event_timestamp"),
         (None, Some(idem()), body(&good), 401, "missing-credentials", ""),

@@ -217,3 +217,82 @@ async fn a_key_hands_on_only_what_it_holds_and_for_no_longer_than_it_lives() {
         .await;
     assert_eq!(n, 0, "no escalation reached the table");
 }
+
+/// The runbook's HTTP rotation, step by step as written (docs/runbook.md,
+/// "Rotate an API key"): a key manager made in SQL as the README shows, a
+/// new fence key over HTTP with the default permission, the old one revoked;
+/// then what the README promises about minted keys: a `{keys:manage}`-only
+/// manager cannot mint `{fence:meter}`, and revoking a manager ends the keys
+/// it minted.
+#[tokio::test]
+async fn the_runbooks_http_rotation_works_as_written() {
+    let (db, pg) = TestDb::with_admin().await;
+    db.org(&pg, "acme").await;
+    let runbook = std::fs::read_to_string(pm_e2e::repo_root().join("docs/runbook.md")).unwrap();
+    let manager_sql =
+        "SELECT * FROM meter.create_api_key('acme', 'key manager', '{fence:meter,keys:manage}')";
+    assert!(runbook.contains(manager_sql), "the runbook's manager key");
+    let manager: String = pg
+        .value(&manager_sql.replace("SELECT *", "SELECT key"))
+        .await;
+    let (old_id, old_key) = db.key(&pg, "acme", &["fence:meter"]).await;
+    let side = Sidecar::start(&db, &[]).await;
+    let c = http();
+
+    // 1. The new key, with the default permission.
+    let created: Value = c
+        .post(side.url("/api/v1/api-keys"))
+        .bearer_auth(&manager)
+        .json(&json!({"name": "fence prod"}))
+        .fetch_json()
+        .await;
+    assert_eq!(created["permissions"], json!(["fence:meter"]), "{created}");
+    let new_key = created["key"].as_str().unwrap().to_string();
+    // 2. Deployed: it records.
+    assert_eq!(side.record(&new_key).await, 202);
+    // 3. The old key revoked by id, found in the list.
+    let list: Value = c
+        .get(side.url("/api/v1/api-keys"))
+        .bearer_auth(&manager)
+        .fetch_json()
+        .await;
+    assert!(list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["id"] == json!(old_id)));
+    let r = c
+        .delete(side.url(&format!("/api/v1/api-keys/{old_id}")))
+        .bearer_auth(&manager)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(side.record(&old_key).await, 401);
+    assert_eq!(side.record(&new_key).await, 202);
+
+    // A manager holding only keys:manage cannot hand on fence:meter.
+    let (_, narrow) = db.key(&pg, "acme", &["keys:manage"]).await;
+    let r = c
+        .post(side.url("/api/v1/api-keys"))
+        .bearer_auth(&narrow)
+        .json(&json!({"name": "fence prod"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(
+        p["type"],
+        "https://polar-meter.dev/problems/permission-not-held"
+    );
+
+    // Revoking the manager revokes what it minted.
+    let manager_id: uuid::Uuid = pg
+        .value("SELECT id FROM meter.api_key WHERE name = 'key manager'")
+        .await;
+    pg.query_one("SELECT meter.revoke_api_key($1)", &[&manager_id])
+        .await
+        .unwrap();
+    assert_eq!(side.record(&new_key).await, 401);
+}

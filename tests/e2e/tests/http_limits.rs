@@ -141,7 +141,7 @@ async fn an_idle_connection_is_closed_at_the_idle_timeout_not_the_header_timeout
 /// POLAR_METER_MAX_CONNECTIONS_PER_CLIENT) do not stop another client.
 #[tokio::test]
 async fn five_hundred_idle_connections_do_not_stop_a_well_behaved_client() {
-    let (_db, pg, key, side) = setup(&[]).await;
+    let (_db, pg, key, side) = setup(&[("POLAR_METER_MAX_CONNECTIONS_PER_CLIENT", "64")]).await;
     let mut idle = Vec::new();
     for _ in 0..500 {
         idle.push(TcpStream::connect(addr(&side)).await.unwrap());

@@ -388,7 +388,7 @@ async fn minted_keys_die_with_their_minter_and_follow_its_replacement() {
         async move {
             let r = c
                 .query_one(
-                    "SELECT id, key FROM meter.create_own_api_key($1, 'child', $2::text[])",
+                    "SELECT id, key FROM meter.create_own_api_key($1, 'child', $2::text::text[])",
                     &[&by, &perms],
                 )
                 .await

@@ -247,7 +247,7 @@ async fn send(jobs: &Jobs, org: &str, batch: Uuid, events: &[Event]) -> Result<F
                 }
                 return pause(jobs, org, batch, &ids, &pending).await;
             }
-            Ingest::Failed(Failure::Transient(cause)) => {
+            Ingest::Failed(Failure::Transient(cause) | Failure::TooLarge(cause)) => {
                 if jobs.polar_wide(&cause).await {
                     return pause(jobs, org, batch, &ids, &pending).await;
                 }

@@ -115,7 +115,7 @@ pub async fn provision_due(jobs: &Jobs) -> Result<usize, JobError> {
                     }
                     return Ok(done);
                 }
-                Answer::Failed(Failure::Transient(cause)) => {
+                Answer::Failed(Failure::Transient(cause) | Failure::TooLarge(cause)) => {
                     if jobs.polar_wide(&cause).await {
                         return Ok(done);
                     }

@@ -55,6 +55,8 @@ enum Stop {
     Paused,
     /// This try failed: record it.
     Failed(String),
+    /// The answer was larger than we read: ask for less (list pages).
+    TooLarge(String),
 }
 
 /// Asks Polar, retrying its 429s, pausing on a systemic failure.
@@ -91,6 +93,8 @@ where
                 }
                 return Ok(Err(Stop::Failed(cause)));
             }
+            // Polar answered, at length: not a failure of Polar's.
+            Answer::Failed(Failure::TooLarge(cause)) => return Ok(Err(Stop::TooLarge(cause))),
         }
     }
 }
@@ -136,7 +140,7 @@ pub async fn reconcile_next(
             );
             return Ok(None);
         }
-        Err(Stop::Failed(e)) => {
+        Err(Stop::Failed(e) | Stop::TooLarge(e)) => {
             let c = jobs.pool.get().await?;
             let status: Option<String> = c
                 .query_one("SELECT meter.reconcile_failed($1, $2)", &[&id, &e])
@@ -245,30 +249,93 @@ async fn work(
         };
         let mut page = done as u64 + 1;
         loop {
-            let qr = &q;
-            let p = match ask(jobs, move || polar.list_events(qr, page, PAGE)).await? {
-                Ok(p) => p,
+            let max_page = match list_page(jobs, id, &q, (&org, &name), page).await? {
+                Ok(m) => m,
                 Err(stop) => return Ok(Err(stop)),
             };
-            if !p.items.is_empty() {
-                let c = jobs.pool.get().await?;
-                c.query_one(
-                    "SELECT meter.reconcile_add_remote($1, $2, $3, $4, $5)",
-                    &[&id, &org, &name, &(page as i32), &Value::Array(p.items)],
-                )
-                .await?;
-            }
             progress.step(&format!(
                 "run {id}: listing {} of {}: page {page} of {}",
                 n + 1,
                 listings.len(),
-                p.max_page.max(1)
+                max_page.max(1)
             ));
-            if page >= p.max_page {
+            if page >= max_page {
                 break;
             }
             page += 1;
         }
     }
     Ok(Ok(()))
+}
+
+/// Smaller pages to read page `page` of PAGE events in, in turn, when
+/// Polar's answer for it passes the bytes we read of one answer (one
+/// organization's events can carry up to 49 metadata values of 500
+/// characters each): so one tenant's data never fails another's run.
+const SHRINK: [u64; 3] = [4, 20, 100];
+
+/// Lists page `page` (PAGE events) of a listing into the run; returns
+/// Polar's page count. A page too large to read is read again as SHRINK[i]
+/// smaller pages covering the same events, each reported as it comes (the
+/// run's progress moves to `page` with the last of them).
+async fn list_page(
+    jobs: &Jobs,
+    id: i64,
+    q: &EventQuery<'_>,
+    (org, name): (&Option<String>, &Option<String>),
+    page: u64,
+) -> Result<Result<u64, Stop>, JobError> {
+    let polar = jobs.polar.as_ref().expect("a Polar client");
+    let report = |items: Vec<Value>, as_page: u64| async move {
+        if items.is_empty() {
+            return Ok::<_, JobError>(());
+        }
+        let c = jobs.pool.get().await?;
+        c.query_one(
+            "SELECT meter.reconcile_add_remote($1, $2, $3, $4, $5)",
+            &[&id, org, name, &(as_page as i32), &Value::Array(items)],
+        )
+        .await?;
+        Ok(())
+    };
+    let mut last_cause = String::new();
+    for parts in std::iter::once(1).chain(SHRINK) {
+        let limit = PAGE / parts;
+        let mut max_page = 0;
+        let mut too_large = None;
+        for sub in 0..parts {
+            let sub_page = (page - 1) * parts + sub + 1;
+            match ask(jobs, move || polar.list_events(q, sub_page, limit)).await? {
+                Ok(p) => {
+                    // Progress moves to `page` only with its last part.
+                    let as_page = if sub + 1 == parts { page } else { page - 1 };
+                    max_page = p.max_page.div_ceil(parts);
+                    let done = sub_page >= p.max_page;
+                    report(p.items, if done { page } else { as_page }).await?;
+                    if done {
+                        break;
+                    }
+                }
+                Err(Stop::TooLarge(cause)) => {
+                    too_large = Some(cause);
+                    break;
+                }
+                Err(stop) => return Ok(Err(stop)),
+            }
+        }
+        match too_large {
+            None => return Ok(Ok(max_page)),
+            Some(cause) => {
+                tracing::info!(
+                    run_id = id,
+                    page,
+                    limit,
+                    cause,
+                    "a page of Polar's events was too large; reading it in smaller pages"
+                );
+                last_cause = cause;
+            }
+        }
+    }
+    Ok(Err(Stop::Failed(last_cause)))
 }

@@ -24,12 +24,15 @@ pub enum Failure {
     Systemic(String),
     /// This call failed; whether Polar as a whole is failing, the breaker decides.
     Transient(String),
+    /// Polar's answer passed the bytes we read of one (a page of events whose
+    /// metadata is large): ask for less at a time.
+    TooLarge(String),
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Systemic(m) | Failure::Transient(m) => f.write_str(m),
+            Failure::Systemic(m) | Failure::Transient(m) | Failure::TooLarge(m) => f.write_str(m),
         }
     }
 }
@@ -422,7 +425,7 @@ async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u
         match resp.chunk().await {
             Ok(Some(c)) => {
                 if out.len() + c.len() > limit {
-                    return Err(Failure::Transient(format!(
+                    return Err(Failure::TooLarge(format!(
                         "Polar's answer exceeds {limit} bytes"
                     )));
                 }

@@ -119,6 +119,23 @@ impl Sidecar {
             .as_u16()
     }
 
+    /// The same from another loopback address (another client as far as
+    /// per-client limits go): its status and how long it took.
+    pub async fn record_from(&self, ip: &str, key: &str) -> (u16, std::time::Duration) {
+        let started = std::time::Instant::now();
+        let status = crate::http_from(ip)
+            .post(self.url("/api/v1/meter"))
+            .bearer_auth(key)
+            .header("Idempotency-Key", crate::idem())
+            .json(&serde_json::json!({"event_name": "e", "event_timestamp": crate::now_rfc3339()}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        (status, started.elapsed())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
     }

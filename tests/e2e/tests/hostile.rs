@@ -10,7 +10,7 @@
 use bytes::Bytes;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use pm_e2e::{eventually, http, http_from, idem, now_rfc3339, rss_mib, Emulator, Sidecar, TestDb};
+use pm_e2e::{eventually, http, idem, now_rfc3339, rss_mib, Emulator, Sidecar, TestDb};
 use pm_e2e::{sqlstate, Fetch, Value1};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -22,22 +22,6 @@ const RSS_UNDER_ATTACK_MIB: u64 = 128;
 
 fn addr(side: &Sidecar) -> String {
     side.base.trim_start_matches("http://").to_string()
-}
-
-/// A well-behaved client's event, from 127.0.0.2: its status and how long it took.
-async fn good_client_records(side: &Sidecar, key: &str) -> (u16, Duration) {
-    let started = Instant::now();
-    let status = http_from("127.0.0.2")
-        .post(side.url("/api/v1/meter"))
-        .bearer_auth(key)
-        .header("Idempotency-Key", idem())
-        .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16();
-    (status, started.elapsed())
 }
 
 /// Finding 1: a number PostgreSQL's numeric would print as 16,385
@@ -218,7 +202,7 @@ async fn unfinished_http2_bodies_hold_no_more_than_the_budget() {
             peak <= 8 * 1024 * 1024,
             "one address's body share passed: {peak}"
         );
-        let (status, took) = good_client_records(&side, &key).await;
+        let (status, took) = side.record_from("127.0.0.2", &key).await;
         assert_eq!(status, 202, "a well-behaved client during the attack");
         let rss = rss_mib(side.pid());
         println!(
@@ -399,7 +383,7 @@ async fn silent_sockets_are_cut_from_accept_and_limited_per_client() {
     }
     assert_eq!(refused, 12, "connections past the client's limit");
     // Another client is served while they are open.
-    let (status, took) = good_client_records(&side, &key).await;
+    let (status, took) = side.record_from("127.0.0.2", &key).await;
     assert_eq!(status, 202);
     println!("good client beside 20 silent sockets: {took:?}");
     // The first eight never spoke: closed at the header timeout from accept

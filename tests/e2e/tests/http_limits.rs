@@ -154,15 +154,7 @@ async fn five_hundred_idle_connections_do_not_stop_a_well_behaved_client() {
             .unwrap();
         idle.push(s);
     }
-    let r = pm_e2e::http_from("127.0.0.2")
-        .post(side.url("/api/v1/meter"))
-        .bearer_auth(&key)
-        .header("Idempotency-Key", idem())
-        .json(&json!({"event_name": "e", "event_timestamp": now_rfc3339()}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    assert_eq!(side.record_from("127.0.0.2", &key).await.0, 202);
     let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 1);
     drop(idle);

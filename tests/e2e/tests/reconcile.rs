@@ -487,3 +487,53 @@ async fn every_missing_event_is_a_finding_beyond_the_hundred_the_result_names() 
         .get(0);
     assert_eq!(resent, 150);
 }
+
+/// A page of 100 of one organization's largest events (49 metadata values of
+/// 500 four-byte characters, ~98 KB each) passes the 8 MiB we read of one
+/// Polar answer: the page is read again in smaller pages, and the run ends
+/// clean rather than failing for every organization.
+#[tokio::test]
+async fn a_page_too_large_to_read_is_read_in_smaller_pages() {
+    let (db, pg) = TestDb::with_admin().await;
+    db.org(&pg, "acme").await;
+    db.org(&pg, "globex").await;
+    let emu = Emulator::start(&[]).await;
+    let side = Sidecar::start_with(&db, &emu.sidecar_env()).await;
+    let big: serde_json::Map<String, Value> = (0..49)
+        .map(|i| (format!("k{i}"), Value::String("😀".repeat(500))))
+        .collect();
+    let ts = chrono::Utc::now() - chrono::Duration::minutes(5);
+    for org in ["acme", "globex"] {
+        let n = if org == "acme" { 130 } else { 3 };
+        let events: Vec<Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"idempotency_key": format!("big-{i}"), "event_name": "e",
+                        "event_timestamp": ts.to_rfc3339(), "metadata": big})
+            })
+            .collect();
+        pg.query(
+            "SELECT 1 FROM meter.record_events_for_org($1, $2)",
+            &[&org, &Value::Array(events)],
+        )
+        .await
+        .unwrap();
+    }
+    eventually(120, "all delivered", || async {
+        (statuses(&pg).await.get("sent").copied() == Some(133)).then_some(())
+    })
+    .await;
+    let id: i64 = pg
+        .value(
+            "SELECT meter.reconcile_meter_to_polar(now() + interval '1 minute', '1 hour', 'full')",
+        )
+        .await;
+    let r = run_done(&pg, id).await;
+    assert_eq!(r["local_sent"], 133, "{r}");
+    assert_eq!(r["remote_total"], 133, "{r}");
+    assert_eq!(r["drift"], 0, "{r}");
+    assert_eq!(r["missing_at_polar"]["count"], 0, "{r}");
+    assert!(
+        side.logs_text().contains("reading it in smaller pages"),
+        "the large page was read in parts"
+    );
+}

@@ -25,6 +25,9 @@ const MAX_ENTRIES: usize = 50_000;
 struct Entry {
     until: Instant,
     refusal: Option<Problem>,
+    /// A request is verifying this expired good key again; meanwhile the
+    /// others are admitted on the old verdict rather than all asking at once.
+    refreshing: bool,
 }
 
 pub struct Admission {
@@ -66,9 +69,18 @@ impl Admission {
         }
         let hash = keys::hash(key);
         let now = Instant::now();
-        if let Some(e) = self.entries.lock().unwrap().get(&hash) {
+        if let Some(e) = self.entries.lock().unwrap().get_mut(&hash) {
             if e.until > now {
                 return e.refusal.clone().map_or(Ok(()), Err);
+            }
+            // An expired good verdict: one request verifies again, the others
+            // go on (every key's admission expiring at once under load would
+            // otherwise send every request of that moment to the database).
+            if e.refusal.is_none() {
+                if e.refreshing {
+                    return Ok(());
+                }
+                e.refreshing = true;
             }
         }
         let verdict = self.verify(key).await;
@@ -77,9 +89,13 @@ impl Admission {
             Err(DbError::Sql { code, message }) if key_refusal(code) => {
                 Some(Problem::from_sql(code, message))
             }
-            // The database being away says nothing about the key.
+            // The database being away says nothing about the key: the next
+            // request tries again.
             Err(e) => {
                 e.log();
+                if let Some(entry) = self.entries.lock().unwrap().get_mut(&hash) {
+                    entry.refreshing = false;
+                }
                 return Err(Problem::from_db(e));
             }
         };
@@ -98,8 +114,9 @@ impl Admission {
         entries.insert(
             hash,
             Entry {
-                until: now + ttl,
+                until: Instant::now() + ttl,
                 refusal: refusal.clone(),
+                refreshing: false,
             },
         );
         refusal.map_or(Ok(()), Err)

@@ -75,6 +75,11 @@ pub async fn handle(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> 
     let started = Instant::now();
     let request_id = request_id(req.headers());
     let method = req.method().clone();
+    let client = req
+        .extensions()
+        .get::<crate::http::Peer>()
+        .map(|p| p.client.to_string())
+        .unwrap_or_default();
     let (route, result) = match surface {
         Surface::Api => dispatch(&app, req).await,
         Surface::Admin => dispatch_admin(&app, req).await,
@@ -88,9 +93,13 @@ pub async fn handle(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> 
     app.metrics.observe(route, status, secs);
     let latency_ms = secs * 1e3;
     match status {
-        500.. => tracing::warn!(request_id, %method, route, status, latency_ms, "request failed"),
-        400.. => tracing::info!(request_id, %method, route, status, latency_ms, "request refused"),
-        _ => tracing::debug!(request_id, %method, route, status, latency_ms, "request"),
+        500.. => {
+            tracing::warn!(request_id, %method, route, status, latency_ms, client, "request failed")
+        }
+        400.. => {
+            tracing::info!(request_id, %method, route, status, latency_ms, client, "request refused")
+        }
+        _ => tracing::debug!(request_id, %method, route, status, latency_ms, client, "request"),
     }
     resp
 }

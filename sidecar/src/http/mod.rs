@@ -6,8 +6,9 @@
 //!     POLAR_METER_HEADER_TIMEOUT_SECS;
 //!   - an idle keep-alive connection: POLAR_METER_IDLE_TIMEOUT_SECS;
 //!   - HTTP/2 streams per connection: POLAR_METER_MAX_H2_STREAMS, and its
-//!     flow-control windows: the per-connection body budget (budget.rs);
-//!   - bodies being read: one byte budget, global and per connection (budget.rs);
+//!     flow-control window: an eighth of the per-connection body budget;
+//!   - bodies being read: one byte budget, for the process, per client address
+//!     and per connection (budget.rs);
 //!   - the body: POLAR_METER_BODY_TIMEOUT_SECS (routes.rs), and the SQL a
 //!     request runs: the request pool's statement timeout and bounded wait.
 //!
@@ -45,8 +46,8 @@ pub struct Limits {
     pub bodies: budget::Budget,
 }
 
-/// Where a request came from, for its handler: the socket's peer, and the
-/// client behind it when the peer is a trusted proxy.
+/// Where a request came from, for its handler and its log line: the
+/// socket's peer, and the client behind it when the peer is a trusted proxy.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
     pub socket: std::net::SocketAddr,

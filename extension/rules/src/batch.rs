@@ -132,7 +132,7 @@ pub fn unstorable(item: &Value) -> Option<Violation> {
                 Some(Violation::new(code, format!("{name} must not contain NUL")))
             }
             Value::Number(n) => {
-                let len = validate::numeric_text_len(&n.to_string()).unwrap_or(usize::MAX);
+                let len = validate::numeric_text_len(n.as_str()).unwrap_or(usize::MAX);
                 (len > validate::METADATA_NUMBER_MAX).then(|| {
                     Violation::new(
                         code,

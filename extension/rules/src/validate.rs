@@ -152,7 +152,7 @@ pub fn metadata(value: &Value) -> Result<(), Violation> {
                 }
             }
             Value::Number(n) => {
-                let stored = numeric_text_len(&n.to_string());
+                let stored = numeric_text_len(n.as_str());
                 if stored.is_none_or(|len| len > METADATA_NUMBER_MAX) {
                     return bad(format!(
                         "metadata.{k} is a number whose stored form would be {} characters; at most {METADATA_NUMBER_MAX} are allowed (write it with fewer digits or a smaller exponent)",
@@ -214,19 +214,25 @@ pub fn numeric_text_len(literal: &str) -> Option<usize> {
             sign * magnitude
         }
     };
-    let significant = format!("{int}{frac}");
-    let significant = significant.trim_start_matches('0');
+    // The digits after any leading zeros (counted without building them:
+    // this runs for every number of every event recorded).
+    let leading_zeros = int
+        .bytes()
+        .chain(frac.bytes())
+        .take_while(|&b| b == b'0')
+        .count();
+    let significant = (int.len() + frac.len() - leading_zeros) as i64;
     // Digits after the decimal point that numeric keeps (its display scale).
     let scale = (frac.len() as i64 - exponent).max(0);
-    let len = if significant.is_empty() {
+    let len = if significant == 0 {
         // Zero keeps its scale ("0.000") and has no sign.
         return Some(1 + if scale > 0 { 1 + scale as usize } else { 0 });
     } else if scale == 0 {
         // Whole: the significant digits then the zeros the exponent adds.
-        significant.len() as i64 + (exponent - frac.len() as i64).max(0)
+        significant + (exponent - frac.len() as i64).max(0)
     } else {
         // Digits before the point (at least "0"), the point, the scale.
-        (significant.len() as i64 - scale).max(1) + 1 + scale
+        (significant - scale).max(1) + 1 + scale
     };
     Some(len as usize + usize::from(negative))
 }

@@ -90,8 +90,9 @@ fi
 podman exec ${PROJECT}_polar-meterd_1 polar-meterd ready && echo "uid 10001, read-only, healthcheck passes"
 
 step "metrics are on the admin port, not on the API's"
-curl -fsS "http://127.0.0.1:$PM_ADMIN_PORT/metrics" | grep -q '^polar_meter_events_total' ||
-    { echo "no metrics on the admin port" >&2; exit 1; }
+# Read whole first: grep -q leaving a pipe early would fail curl (pipefail).
+metrics=$(curl -fsS "http://127.0.0.1:$PM_ADMIN_PORT/metrics")
+grep -q '^polar_meter_events_total' <<<"$metrics" || { echo "no metrics on the admin port" >&2; exit 1; }
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PM_API_PORT/metrics")
 [ "$code" = 404 ] || { echo "the API port answered /metrics with $code" >&2; exit 1; }
 echo "/metrics on :$PM_ADMIN_PORT only"

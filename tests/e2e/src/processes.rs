@@ -107,7 +107,19 @@ impl Sidecar {
 
     /// POSTs one fresh event (`e`, now, a new Idempotency-Key); its status.
     pub async fn record(&self, key: &str) -> u16 {
-        http()
+        self.record_with(http(), key).await
+    }
+
+    /// The same from another loopback address (another client as far as
+    /// per-client limits go): its status and how long it took.
+    pub async fn record_from(&self, ip: &str, key: &str) -> (u16, std::time::Duration) {
+        let started = std::time::Instant::now();
+        let status = self.record_with(crate::http_from(ip), key).await;
+        (status, started.elapsed())
+    }
+
+    async fn record_with(&self, client: reqwest::Client, key: &str) -> u16 {
+        client
             .post(self.url("/api/v1/meter"))
             .bearer_auth(key)
             .header("Idempotency-Key", crate::idem())
@@ -117,23 +129,6 @@ impl Sidecar {
             .unwrap()
             .status()
             .as_u16()
-    }
-
-    /// The same from another loopback address (another client as far as
-    /// per-client limits go): its status and how long it took.
-    pub async fn record_from(&self, ip: &str, key: &str) -> (u16, std::time::Duration) {
-        let started = std::time::Instant::now();
-        let status = crate::http_from(ip)
-            .post(self.url("/api/v1/meter"))
-            .bearer_auth(key)
-            .header("Idempotency-Key", crate::idem())
-            .json(&serde_json::json!({"event_name": "e", "event_timestamp": crate::now_rfc3339()}))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16();
-        (status, started.elapsed())
     }
 
     pub fn pid(&self) -> u32 {

@@ -88,6 +88,12 @@ mkdir -p target/isolation
 step "isolation specs fail when what they prove is broken (one mutant function each)"
 extension/tests/isolation/mutations.sh "$PM_PG_PORT" pm_template
 
+step "pg_regress goldens (extension/tests/pg_regress): what each SQL function answers"
+extension/tests/pg_regress/run.sh "$PM_PG_PORT" pm_template pm_cron
+
+step "the 0.3.0 sidecar, for the rolling-upgrade test (built from that release's commit)"
+scripts/compat-sidecar.sh
+
 step "end-to-end suites"
 cargo build -p polar-meterd -p polar-emulator
 if [ -n "${PM_ONLY:-}" ]; then

@@ -28,8 +28,6 @@ GRANT USAGE ON SCHEMA meter TO polar_meter_sidecar, polar_meter_admin;
 
 GRANT EXECUTE ON FUNCTION
     -- the HTTP API
-    meter.record_event(text, text, text, text, jsonb),
-    meter.record_event(text, text, text, timestamptz, jsonb),
     meter.record_events(text, jsonb),
     meter.verify_api_key(text, text),
     meter.create_own_api_key(text, text, text[], timestamptz),
@@ -40,7 +38,7 @@ GRANT EXECUTE ON FUNCTION
     meter.outbox_stats(),
     -- delivery
     meter.due_organizations(int),
-    meter.claim_events(text, int, interval),
+    meter.claim_delivery(text, int, interval),
     meter.delivery_sent(text, uuid, uuid[]),
     meter.delivery_deferred(text, uuid, uuid[], interval),
     meter.delivery_failed(text, uuid, uuid[], text),
@@ -63,13 +61,17 @@ GRANT EXECUTE ON FUNCTION
     meter.reconcile_count_plan(bigint, interval),
     meter.reconcile_add_counts(bigint, jsonb, interval),
     meter.reconcile_list_plan(bigint, interval),
-    meter.reconcile_add_remote(bigint, text, text, int, jsonb, interval),
+    meter.reconcile_add_listed(bigint, text, text, int, text[], text[], uuid[], text[], timestamptz[], interval),
     meter.reconcile_finish(bigint),
     meter.reconcile_failed(bigint, text),
     -- alerts
     meter.claim_alerts(int, interval),
     meter.alert_forwarded(text, bigint),
-    meter.alert_forward_failed(text, bigint, text)
+    meter.alert_forward_failed(text, bigint, text),
+    -- deprecated since 0.4.0, for 0.3 sidecars during a rolling upgrade;
+    -- removed in 0.5.0 (DEPRECATED in sidecar/src/store/mod.rs)
+    meter.claim_events(text, int, interval),
+    meter.reconcile_add_remote(bigint, text, text, int, jsonb, interval)
 TO polar_meter_sidecar;
 
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA meter TO polar_meter_admin;

@@ -29,6 +29,10 @@ $$;
 -- The sidecar's alerts are limited per kind and organization an hour.
 CREATE INDEX alert_recent ON meter.alert (organization_id, kind, raised_at);
 
+-- Polar's event body is built by the sidecar now (claim_delivery returns
+-- events as stored); 0.3's claim_events builds it inline until 0.5.0.
+DROP FUNCTION meter._event_payload(meter.meter_event);
+
 -- Part 2 (generated): every function, COMMENT and grant of 0.4.0.
 
 -- extension/src/keys.rs:24
@@ -1667,20 +1671,22 @@ $$;
 COMMENT ON FUNCTION meter.backoff_delay(int, double precision) IS
   'Wait after the attempts-th failed delivery: min(cap, base * 2^(attempts-1)) * (0.75 + 0.5 * jitter), jitter in [0,1) (default random(), so +/-25%). base = setting backoff_base (default 60 s), cap = backoff_cap (default 6 h): about 1, 2, 4, 8, 16, 32 minutes before attempts 2..7. Pass jitter => 0.5 for the exact midpoint.';
 
-CREATE OR REPLACE FUNCTION meter._event_payload(e meter.meter_event) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+CREATE OR REPLACE FUNCTION meter._held(org_id text, batch_id uuid, event_ids uuid[]) RETURNS uuid[]
+LANGUAGE sql
+VOLATILE
 AS $$
-    SELECT jsonb_build_object(
-        'name', e.event_name,
-        'external_customer_id', e.organization_id,
-        'external_id', e.external_id,
-        'timestamp', to_char(e.event_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-        -- Polar's event list does not return external_id; reconciliation
-        -- matches on this instead.
-        'metadata', e.metadata || jsonb_build_object(meter._reserved_metadata_key(), e.id::text))
+    -- The outbox's safety rule: a report touches only the rows its batch
+    -- still holds. A lease that ran out may have handed a row to another
+    -- batch (or another sidecar), whose report is the one that counts. The
+    -- rows are locked until the reporting transaction ends.
+    SELECT coalesce(array_agg(h.id), '{}') FROM (
+        SELECT e.id FROM meter.meter_event e
+        WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = _held.batch_id
+          AND e.polar_status = 'in_flight'
+        FOR UPDATE) h
 $$;
-COMMENT ON FUNCTION meter._event_payload(meter.meter_event) IS
-  'Internal: the event as Polar''s EventCreateExternalCustomer: name, external_customer_id = org id, stable external_id, UTC timestamp, metadata plus meter_event_id.';
+COMMENT ON FUNCTION meter._held(text, uuid, uuid[]) IS
+  'Internal: which of event_ids the batch batch_id still holds (in flight under its lease), locked for the caller''s transaction. Every delivery_* report touches only these.';
 
 CREATE OR REPLACE FUNCTION meter._due_organizations(max_orgs int)
 RETURNS TABLE (organization_id text, oldest_due timestamptz)
@@ -1750,8 +1756,9 @@ $$;
 COMMENT ON FUNCTION meter.due_organizations(int) IS
   'Organizations with events due now and a Polar customer, the longest-waiting first (at most max_orgs). A sidecar claims one batch of each in turn, so one organization''s backlog never holds back another''s fresh events by more than one round. PM051 unless max_orgs is 1 to 1000.';
 
-CREATE OR REPLACE FUNCTION meter.claim_events(org_id text, max_events int DEFAULT 1000, lease interval DEFAULT '2 minutes')
-RETURNS TABLE (batch_id uuid, event_id uuid, payload jsonb)
+CREATE OR REPLACE FUNCTION meter.claim_delivery(org_id text, max_events int DEFAULT 1000, lease interval DEFAULT '2 minutes')
+RETURNS TABLE (batch_id uuid, event_id uuid, event_name text, event_timestamp timestamptz, external_id text,
+              metadata jsonb)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
@@ -1796,11 +1803,29 @@ BEGIN
         FROM within WHERE e.organization_id = within.organization_id AND e.id = within.id
         RETURNING e.*
     )
-    SELECT v_batch, c.id, meter._event_payload(c::meter.meter_event) FROM claimed c;
+    SELECT v_batch, c.id, c.event_name, c.event_timestamp, c.external_id, c.metadata FROM claimed c;
 END
 $$;
+COMMENT ON FUNCTION meter.claim_delivery(text, int, interval) IS
+  'Claims up to max_events due events of one organization (pending, failed past their backoff, or in_flight past their lease) as one batch under a lease, and returns them as stored: (batch_id, event_id, event_name, event_timestamp, external_id, metadata). The sidecar turns them into Polar''s format. A claim also stops at 4 MiB of events (metadata as stored, plus 256 bytes each; the first event always goes). Nothing while the organization has no Polar customer. PM050 unless max_events is 1 to 1000 and the lease at most 10 minutes.';
+
+CREATE OR REPLACE FUNCTION meter.claim_events(org_id text, max_events int DEFAULT 1000, lease interval DEFAULT '2 minutes')
+RETURNS TABLE (batch_id uuid, event_id uuid, payload jsonb)
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+    -- Polar's EventCreateExternalCustomer, as 0.3 sidecars expect it.
+    SELECT c.batch_id, c.event_id, jsonb_build_object(
+        'name', c.event_name,
+        'external_customer_id', org_id,
+        'external_id', c.external_id,
+        'timestamp', to_char(c.event_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'metadata', c.metadata || jsonb_build_object(meter._reserved_metadata_key(), c.event_id::text))
+    FROM meter.claim_delivery(org_id, max_events, lease) c
+$$;
 COMMENT ON FUNCTION meter.claim_events(text, int, interval) IS
-  'Claims up to max_events due events of one organization (pending, failed past their backoff, or in_flight past their lease) as one batch under a lease, and returns (batch_id, event_id, payload) with payload ready for Polar''s ingest. A claim also stops at 4 MiB of events (metadata as stored, plus 256 bytes each; the first event always goes). Nothing while the organization has no Polar customer. PM050 unless max_events is 1 to 1000 and the lease at most 10 minutes.';
+  'Deprecated since 0.4.0, removed in 0.5.0: kept for 0.3 sidecars during a rolling upgrade. claim_delivery, with each event as Polar''s ingest body (payload).';
 
 CREATE OR REPLACE FUNCTION meter.delivery_sent(org_id text, batch_id uuid, event_ids uuid[]) RETURNS int
 LANGUAGE plpgsql
@@ -1810,20 +1835,20 @@ AS $$
 DECLARE
     v_now  timestamptz := now();
     v_late timestamptz := now() - meter._setting('reconcile_lag')::interval;
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     v_days date[];
     n int;
 BEGIN
     -- Events older than the reconcile lag may sit in a window that was
     -- already reconciled: their days are marked for the daily job to re-open.
-    SELECT array_agg(DISTINCT (e.event_timestamp AT TIME ZONE 'UTC')::date) INTO v_days
-    FROM meter.meter_event e
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_sent.batch_id
-      AND e.polar_status = 'in_flight' AND e.event_timestamp < v_late;
-    UPDATE meter.meter_event e
-    SET polar_status = 'sent', sent_at = v_now, last_error = NULL, batch_id = NULL, lease_expires_at = NULL
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_sent.batch_id
-      AND e.polar_status = 'in_flight';
-    GET DIAGNOSTICS n = ROW_COUNT;
+    WITH sent AS (
+        UPDATE meter.meter_event e
+        SET polar_status = 'sent', sent_at = v_now, last_error = NULL, batch_id = NULL, lease_expires_at = NULL
+        WHERE e.organization_id = org_id AND e.id = ANY (v_held)
+        RETURNING e.event_timestamp
+    )
+    SELECT count(*), array_agg(DISTINCT (x.event_timestamp AT TIME ZONE 'UTC')::date) FILTER (WHERE x.event_timestamp < v_late)
+    INTO n, v_days FROM sent x;
     IF v_days IS NOT NULL THEN
         INSERT INTO meter.reconcile_dirty AS d (organization_id, day, marked_at)
         SELECT org_id, x, v_now FROM unnest(v_days) x
@@ -1843,14 +1868,14 @@ SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_next timestamptz := now() + meter._bounded_wait('retry_after', retry_after);
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     n int;
 BEGIN
     -- Not an attempt: Polar asked us to wait (429), or Polar as a whole is
     -- unavailable (a property of the deployment, not of these events).
     UPDATE meter.meter_event e
     SET polar_status = 'pending', next_attempt_at = v_next, batch_id = NULL, lease_expires_at = NULL
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_deferred.batch_id
-      AND e.polar_status = 'in_flight';
+    WHERE e.organization_id = org_id AND e.id = ANY (v_held);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -1884,6 +1909,7 @@ AS $$
 DECLARE
     v_max int := meter._max_attempts();
     v_now timestamptz := now();
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     v_ids uuid[];
     v_attempts int[];
     v_last timestamptz[];
@@ -1896,8 +1922,7 @@ BEGIN
     SELECT array_agg(e.id), array_agg(e.attempts + 1), array_agg(coalesce(e.last_attempt_at, v_now))
     INTO v_ids, v_attempts, v_last
     FROM meter.meter_event e
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_failed.batch_id
-      AND e.polar_status = 'in_flight';
+    WHERE e.organization_id = org_id AND e.id = ANY (v_held);
     failed := 0;
     dropped := 0;
     IF v_ids IS NULL THEN
@@ -1920,7 +1945,6 @@ BEGIN
             batch_id = NULL, lease_expires_at = NULL
         FROM unnest(v_ids, v_attempts, v_status, v_next) AS u(id, attempts, status, next)
         WHERE e.organization_id = org_id AND e.id = u.id
-          AND e.batch_id = delivery_failed.batch_id AND e.polar_status = 'in_flight'
         RETURNING e.id, e.polar_status
     )
     SELECT count(*), array_agg(f.id) FILTER (WHERE f.polar_status = 'dropped') INTO failed, v_dropped FROM upd f;
@@ -1962,14 +1986,14 @@ SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     v_ids uuid[];
 BEGIN
     WITH rejected AS (
         UPDATE meter.meter_event e
         SET polar_status = 'rejected', last_error = left(error, 1000), next_attempt_at = 'infinity',
             batch_id = NULL, lease_expires_at = NULL
-        WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_rejected.batch_id
-          AND e.polar_status = 'in_flight'
+        WHERE e.organization_id = org_id AND e.id = ANY (v_held)
         RETURNING e.id
     )
     SELECT array_agg(r.id) INTO v_ids FROM rejected r;
@@ -1991,6 +2015,7 @@ AS $$
 DECLARE
     v_now    timestamptz := now();
     v_recent timestamptz := now() - meter._setting('max_future_skew')::interval;
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     v_skewed uuid[];
     v_other  uuid[];
     n int := 0;
@@ -2002,8 +2027,7 @@ BEGIN
            array_agg(e.id) FILTER (WHERE e.event_timestamp <= v_recent)
     INTO v_skewed, v_other
     FROM meter.meter_event e
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_too_early.batch_id
-      AND e.polar_status = 'in_flight';
+    WHERE e.organization_id = org_id AND e.id = ANY (v_held);
     IF v_skewed IS NOT NULL THEN
         n := meter.delivery_deferred(org_id, batch_id, v_skewed, interval '5 seconds');
     END IF;
@@ -2434,8 +2458,9 @@ $$;
 COMMENT ON FUNCTION meter.reconcile_list_plan(bigint, interval) IS
   'What a run must list event by event, with the pages already handed back: for a counts run, each (customer, event name) whose counts differ; for a full run, or a counts run whose window total at Polar differs from the sum of its pairs (it becomes full), the whole window (NULL, NULL).';
 
-CREATE OR REPLACE FUNCTION meter.reconcile_add_remote(run_id bigint, organization_id text, event_name text, page int, events jsonb,
-                                           lease interval DEFAULT '5 minutes')
+CREATE OR REPLACE FUNCTION meter.reconcile_add_listed(run_id bigint, organization_id text, event_name text, page int,
+                                           polar_ids text[], customers text[], event_ids uuid[], names text[],
+                                           timestamps timestamptz[], lease interval DEFAULT '5 minutes')
 RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -2443,29 +2468,57 @@ SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     r meter.reconcile_run := meter._running_run(run_id, lease);
-    v_mid text := meter._reserved_metadata_key();   -- where delivery put our event id
     n int;
 BEGIN
+    IF cardinality(polar_ids) IS DISTINCT FROM cardinality(customers)
+       OR cardinality(polar_ids) IS DISTINCT FROM cardinality(event_ids)
+       OR cardinality(polar_ids) IS DISTINCT FROM cardinality(names)
+       OR cardinality(polar_ids) IS DISTINCT FROM cardinality(timestamps) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051',
+            MESSAGE = 'polar_ids, customers, event_ids, names and timestamps must have one element per listed event';
+    END IF;
+    IF cardinality(polar_ids) > 1000 THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051', MESSAGE = 'polar_ids: at most 1000 listed events a call';
+    END IF;
     INSERT INTO meter.reconcile_remote (organization_id, run_id, polar_event_id, meter_event_id, event_name, event_timestamp)
-    SELECT coalesce(e->>'external_customer_id', e->'customer'->>'external_id', ''), r.id, e->>'id',
-           CASE WHEN e->'metadata'->>v_mid ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                THEN (e->'metadata'->>v_mid)::uuid END,
-           e->>'name', (e->>'timestamp')::timestamptz
-    FROM jsonb_array_elements(events) e
+    SELECT coalesce(u.customer, ''), r.id, u.polar_id, u.event_id, u.name, u.ts
+    FROM unnest(polar_ids, customers, event_ids, names, timestamps) AS u(polar_id, customer, event_id, name, ts)
     ON CONFLICT DO NOTHING;   -- offset pages can repeat an event: keep it once
     GET DIAGNOSTICS n = ROW_COUNT;
-    IF reconcile_add_remote.organization_id IS NULL THEN
+    IF reconcile_add_listed.organization_id IS NULL THEN
         UPDATE meter.reconcile_run x SET pages_done = greatest(x.pages_done, page) WHERE x.id = r.id;
     ELSE
         UPDATE meter.reconcile_count c SET pages_done = greatest(c.pages_done, page)
-        WHERE c.run_id = r.id AND c.organization_id = reconcile_add_remote.organization_id
-          AND c.event_name = reconcile_add_remote.event_name;
+        WHERE c.run_id = r.id AND c.organization_id = reconcile_add_listed.organization_id
+          AND c.event_name = reconcile_add_listed.event_name;
     END IF;
     RETURN n;
 END
 $$;
+COMMENT ON FUNCTION meter.reconcile_add_listed(bigint, text, text, int, text[], text[], uuid[], text[], timestamptz[], interval) IS
+  'Hands back one page of the events Polar lists for a run, one array element per event: Polar''s event id, the customer (our organization id), our event id (NULL when Polar''s copy names none), the event name and its timestamp; for one listed (customer, event name) or, with NULLs, the whole window. Repeated events are kept once. Records the page as done and extends the lease. PM051 unless the arrays are equally long and at most 1000. Returns rows added.';
+
+CREATE OR REPLACE FUNCTION meter.reconcile_add_remote(run_id bigint, organization_id text, event_name text, page int, events jsonb,
+                                           lease interval DEFAULT '5 minutes')
+RETURNS int
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+    -- Polar's event list, as 0.3 sidecars hand it over.
+    SELECT meter.reconcile_add_listed(run_id, organization_id, event_name, page,
+        coalesce(array_agg(e->>'id'), '{}'),
+        coalesce(array_agg(coalesce(e->>'external_customer_id', e->'customer'->>'external_id', '')), '{}'),
+        coalesce(array_agg(CASE WHEN e->'metadata'->>meter._reserved_metadata_key()
+                                     ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                                THEN (e->'metadata'->>meter._reserved_metadata_key())::uuid END), '{}'),
+        coalesce(array_agg(e->>'name'), '{}'),
+        coalesce(array_agg((e->>'timestamp')::timestamptz), '{}'),
+        lease)
+    FROM jsonb_array_elements(events) e
+$$;
 COMMENT ON FUNCTION meter.reconcile_add_remote(bigint, text, text, int, jsonb, interval) IS
-  'Hands back one page of Polar''s event list for a run (events as Polar returns them), for one listed (customer, event name) or, with NULLs, the whole window; repeated events are kept once. Records the page as done and extends the lease. Returns rows added.';
+  'Deprecated since 0.4.0, removed in 0.5.0: kept for 0.3 sidecars during a rolling upgrade. reconcile_add_listed, with the page as Polar''s list returns it (a JSON array of Polar''s events).';
 
 -- reconcile_finish, in named steps.
 
@@ -3070,8 +3123,6 @@ GRANT USAGE ON SCHEMA meter TO polar_meter_sidecar, polar_meter_admin;
 
 GRANT EXECUTE ON FUNCTION
     -- the HTTP API
-    meter.record_event(text, text, text, text, jsonb),
-    meter.record_event(text, text, text, timestamptz, jsonb),
     meter.record_events(text, jsonb),
     meter.verify_api_key(text, text),
     meter.create_own_api_key(text, text, text[], timestamptz),
@@ -3082,7 +3133,7 @@ GRANT EXECUTE ON FUNCTION
     meter.outbox_stats(),
     -- delivery
     meter.due_organizations(int),
-    meter.claim_events(text, int, interval),
+    meter.claim_delivery(text, int, interval),
     meter.delivery_sent(text, uuid, uuid[]),
     meter.delivery_deferred(text, uuid, uuid[], interval),
     meter.delivery_failed(text, uuid, uuid[], text),
@@ -3105,13 +3156,17 @@ GRANT EXECUTE ON FUNCTION
     meter.reconcile_count_plan(bigint, interval),
     meter.reconcile_add_counts(bigint, jsonb, interval),
     meter.reconcile_list_plan(bigint, interval),
-    meter.reconcile_add_remote(bigint, text, text, int, jsonb, interval),
+    meter.reconcile_add_listed(bigint, text, text, int, text[], text[], uuid[], text[], timestamptz[], interval),
     meter.reconcile_finish(bigint),
     meter.reconcile_failed(bigint, text),
     -- alerts
     meter.claim_alerts(int, interval),
     meter.alert_forwarded(text, bigint),
-    meter.alert_forward_failed(text, bigint, text)
+    meter.alert_forward_failed(text, bigint, text),
+    -- deprecated since 0.4.0, for 0.3 sidecars during a rolling upgrade;
+    -- removed in 0.5.0 (DEPRECATED in sidecar/src/store/mod.rs)
+    meter.claim_events(text, int, interval),
+    meter.reconcile_add_remote(bigint, text, text, int, jsonb, interval)
 TO polar_meter_sidecar;
 
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA meter TO polar_meter_admin;

@@ -21,20 +21,22 @@ $$;
 COMMENT ON FUNCTION meter.backoff_delay(int, double precision) IS
   'Wait after the attempts-th failed delivery: min(cap, base * 2^(attempts-1)) * (0.75 + 0.5 * jitter), jitter in [0,1) (default random(), so +/-25%). base = setting backoff_base (default 60 s), cap = backoff_cap (default 6 h): about 1, 2, 4, 8, 16, 32 minutes before attempts 2..7. Pass jitter => 0.5 for the exact midpoint.';
 
-CREATE FUNCTION meter._event_payload(e meter.meter_event) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+CREATE FUNCTION meter._held(org_id text, batch_id uuid, event_ids uuid[]) RETURNS uuid[]
+LANGUAGE sql
+VOLATILE
 AS $$
-    SELECT jsonb_build_object(
-        'name', e.event_name,
-        'external_customer_id', e.organization_id,
-        'external_id', e.external_id,
-        'timestamp', to_char(e.event_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-        -- Polar's event list does not return external_id; reconciliation
-        -- matches on this instead.
-        'metadata', e.metadata || jsonb_build_object(meter._reserved_metadata_key(), e.id::text))
+    -- The outbox's safety rule: a report touches only the rows its batch
+    -- still holds. A lease that ran out may have handed a row to another
+    -- batch (or another sidecar), whose report is the one that counts. The
+    -- rows are locked until the reporting transaction ends.
+    SELECT coalesce(array_agg(h.id), '{}') FROM (
+        SELECT e.id FROM meter.meter_event e
+        WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = _held.batch_id
+          AND e.polar_status = 'in_flight'
+        FOR UPDATE) h
 $$;
-COMMENT ON FUNCTION meter._event_payload(meter.meter_event) IS
-  'Internal: the event as Polar''s EventCreateExternalCustomer: name, external_customer_id = org id, stable external_id, UTC timestamp, metadata plus meter_event_id.';
+COMMENT ON FUNCTION meter._held(text, uuid, uuid[]) IS
+  'Internal: which of event_ids the batch batch_id still holds (in flight under its lease), locked for the caller''s transaction. Every delivery_* report touches only these.';
 
 CREATE FUNCTION meter._due_organizations(max_orgs int)
 RETURNS TABLE (organization_id text, oldest_due timestamptz)
@@ -104,8 +106,9 @@ $$;
 COMMENT ON FUNCTION meter.due_organizations(int) IS
   'Organizations with events due now and a Polar customer, the longest-waiting first (at most max_orgs). A sidecar claims one batch of each in turn, so one organization''s backlog never holds back another''s fresh events by more than one round. PM051 unless max_orgs is 1 to 1000.';
 
-CREATE FUNCTION meter.claim_events(org_id text, max_events int DEFAULT 1000, lease interval DEFAULT '2 minutes')
-RETURNS TABLE (batch_id uuid, event_id uuid, payload jsonb)
+CREATE FUNCTION meter.claim_delivery(org_id text, max_events int DEFAULT 1000, lease interval DEFAULT '2 minutes')
+RETURNS TABLE (batch_id uuid, event_id uuid, event_name text, event_timestamp timestamptz, external_id text,
+              metadata jsonb)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
@@ -150,11 +153,29 @@ BEGIN
         FROM within WHERE e.organization_id = within.organization_id AND e.id = within.id
         RETURNING e.*
     )
-    SELECT v_batch, c.id, meter._event_payload(c::meter.meter_event) FROM claimed c;
+    SELECT v_batch, c.id, c.event_name, c.event_timestamp, c.external_id, c.metadata FROM claimed c;
 END
 $$;
+COMMENT ON FUNCTION meter.claim_delivery(text, int, interval) IS
+  'Claims up to max_events due events of one organization (pending, failed past their backoff, or in_flight past their lease) as one batch under a lease, and returns them as stored: (batch_id, event_id, event_name, event_timestamp, external_id, metadata). The sidecar turns them into Polar''s format. A claim also stops at 4 MiB of events (metadata as stored, plus 256 bytes each; the first event always goes). Nothing while the organization has no Polar customer. PM050 unless max_events is 1 to 1000 and the lease at most 10 minutes.';
+
+CREATE FUNCTION meter.claim_events(org_id text, max_events int DEFAULT 1000, lease interval DEFAULT '2 minutes')
+RETURNS TABLE (batch_id uuid, event_id uuid, payload jsonb)
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+    -- Polar's EventCreateExternalCustomer, as 0.3 sidecars expect it.
+    SELECT c.batch_id, c.event_id, jsonb_build_object(
+        'name', c.event_name,
+        'external_customer_id', org_id,
+        'external_id', c.external_id,
+        'timestamp', to_char(c.event_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'metadata', c.metadata || jsonb_build_object(meter._reserved_metadata_key(), c.event_id::text))
+    FROM meter.claim_delivery(org_id, max_events, lease) c
+$$;
 COMMENT ON FUNCTION meter.claim_events(text, int, interval) IS
-  'Claims up to max_events due events of one organization (pending, failed past their backoff, or in_flight past their lease) as one batch under a lease, and returns (batch_id, event_id, payload) with payload ready for Polar''s ingest. A claim also stops at 4 MiB of events (metadata as stored, plus 256 bytes each; the first event always goes). Nothing while the organization has no Polar customer. PM050 unless max_events is 1 to 1000 and the lease at most 10 minutes.';
+  'Deprecated since 0.4.0, removed in 0.5.0: kept for 0.3 sidecars during a rolling upgrade. claim_delivery, with each event as Polar''s ingest body (payload).';
 
 CREATE FUNCTION meter.delivery_sent(org_id text, batch_id uuid, event_ids uuid[]) RETURNS int
 LANGUAGE plpgsql
@@ -164,20 +185,20 @@ AS $$
 DECLARE
     v_now  timestamptz := now();
     v_late timestamptz := now() - meter._setting('reconcile_lag')::interval;
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     v_days date[];
     n int;
 BEGIN
     -- Events older than the reconcile lag may sit in a window that was
     -- already reconciled: their days are marked for the daily job to re-open.
-    SELECT array_agg(DISTINCT (e.event_timestamp AT TIME ZONE 'UTC')::date) INTO v_days
-    FROM meter.meter_event e
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_sent.batch_id
-      AND e.polar_status = 'in_flight' AND e.event_timestamp < v_late;
-    UPDATE meter.meter_event e
-    SET polar_status = 'sent', sent_at = v_now, last_error = NULL, batch_id = NULL, lease_expires_at = NULL
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_sent.batch_id
-      AND e.polar_status = 'in_flight';
-    GET DIAGNOSTICS n = ROW_COUNT;
+    WITH sent AS (
+        UPDATE meter.meter_event e
+        SET polar_status = 'sent', sent_at = v_now, last_error = NULL, batch_id = NULL, lease_expires_at = NULL
+        WHERE e.organization_id = org_id AND e.id = ANY (v_held)
+        RETURNING e.event_timestamp
+    )
+    SELECT count(*), array_agg(DISTINCT (x.event_timestamp AT TIME ZONE 'UTC')::date) FILTER (WHERE x.event_timestamp < v_late)
+    INTO n, v_days FROM sent x;
     IF v_days IS NOT NULL THEN
         INSERT INTO meter.reconcile_dirty AS d (organization_id, day, marked_at)
         SELECT org_id, x, v_now FROM unnest(v_days) x
@@ -197,14 +218,14 @@ SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     v_next timestamptz := now() + meter._bounded_wait('retry_after', retry_after);
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     n int;
 BEGIN
     -- Not an attempt: Polar asked us to wait (429), or Polar as a whole is
     -- unavailable (a property of the deployment, not of these events).
     UPDATE meter.meter_event e
     SET polar_status = 'pending', next_attempt_at = v_next, batch_id = NULL, lease_expires_at = NULL
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_deferred.batch_id
-      AND e.polar_status = 'in_flight';
+    WHERE e.organization_id = org_id AND e.id = ANY (v_held);
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END
@@ -238,6 +259,7 @@ AS $$
 DECLARE
     v_max int := meter._max_attempts();
     v_now timestamptz := now();
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     v_ids uuid[];
     v_attempts int[];
     v_last timestamptz[];
@@ -250,8 +272,7 @@ BEGIN
     SELECT array_agg(e.id), array_agg(e.attempts + 1), array_agg(coalesce(e.last_attempt_at, v_now))
     INTO v_ids, v_attempts, v_last
     FROM meter.meter_event e
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_failed.batch_id
-      AND e.polar_status = 'in_flight';
+    WHERE e.organization_id = org_id AND e.id = ANY (v_held);
     failed := 0;
     dropped := 0;
     IF v_ids IS NULL THEN
@@ -274,7 +295,6 @@ BEGIN
             batch_id = NULL, lease_expires_at = NULL
         FROM unnest(v_ids, v_attempts, v_status, v_next) AS u(id, attempts, status, next)
         WHERE e.organization_id = org_id AND e.id = u.id
-          AND e.batch_id = delivery_failed.batch_id AND e.polar_status = 'in_flight'
         RETURNING e.id, e.polar_status
     )
     SELECT count(*), array_agg(f.id) FILTER (WHERE f.polar_status = 'dropped') INTO failed, v_dropped FROM upd f;
@@ -316,14 +336,14 @@ SECURITY DEFINER
 SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     v_ids uuid[];
 BEGIN
     WITH rejected AS (
         UPDATE meter.meter_event e
         SET polar_status = 'rejected', last_error = left(error, 1000), next_attempt_at = 'infinity',
             batch_id = NULL, lease_expires_at = NULL
-        WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_rejected.batch_id
-          AND e.polar_status = 'in_flight'
+        WHERE e.organization_id = org_id AND e.id = ANY (v_held)
         RETURNING e.id
     )
     SELECT array_agg(r.id) INTO v_ids FROM rejected r;
@@ -345,6 +365,7 @@ AS $$
 DECLARE
     v_now    timestamptz := now();
     v_recent timestamptz := now() - meter._setting('max_future_skew')::interval;
+    v_held uuid[] := meter._held(org_id, batch_id, event_ids);
     v_skewed uuid[];
     v_other  uuid[];
     n int := 0;
@@ -356,8 +377,7 @@ BEGIN
            array_agg(e.id) FILTER (WHERE e.event_timestamp <= v_recent)
     INTO v_skewed, v_other
     FROM meter.meter_event e
-    WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = delivery_too_early.batch_id
-      AND e.polar_status = 'in_flight';
+    WHERE e.organization_id = org_id AND e.id = ANY (v_held);
     IF v_skewed IS NOT NULL THEN
         n := meter.delivery_deferred(org_id, batch_id, v_skewed, interval '5 seconds');
     END IF;

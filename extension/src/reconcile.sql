@@ -256,8 +256,9 @@ $$;
 COMMENT ON FUNCTION meter.reconcile_list_plan(bigint, interval) IS
   'What a run must list event by event, with the pages already handed back: for a counts run, each (customer, event name) whose counts differ; for a full run, or a counts run whose window total at Polar differs from the sum of its pairs (it becomes full), the whole window (NULL, NULL).';
 
-CREATE FUNCTION meter.reconcile_add_remote(run_id bigint, organization_id text, event_name text, page int, events jsonb,
-                                           lease interval DEFAULT '5 minutes')
+CREATE FUNCTION meter.reconcile_add_listed(run_id bigint, organization_id text, event_name text, page int,
+                                           polar_ids text[], customers text[], event_ids uuid[], names text[],
+                                           timestamps timestamptz[], lease interval DEFAULT '5 minutes')
 RETURNS int
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -265,29 +266,57 @@ SET search_path = meter, pg_catalog, pg_temp
 AS $$
 DECLARE
     r meter.reconcile_run := meter._running_run(run_id, lease);
-    v_mid text := meter._reserved_metadata_key();   -- where delivery put our event id
     n int;
 BEGIN
+    IF cardinality(polar_ids) IS DISTINCT FROM cardinality(customers)
+       OR cardinality(polar_ids) IS DISTINCT FROM cardinality(event_ids)
+       OR cardinality(polar_ids) IS DISTINCT FROM cardinality(names)
+       OR cardinality(polar_ids) IS DISTINCT FROM cardinality(timestamps) THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051',
+            MESSAGE = 'polar_ids, customers, event_ids, names and timestamps must have one element per listed event';
+    END IF;
+    IF cardinality(polar_ids) > 1000 THEN
+        RAISE EXCEPTION USING ERRCODE = 'PM051', MESSAGE = 'polar_ids: at most 1000 listed events a call';
+    END IF;
     INSERT INTO meter.reconcile_remote (organization_id, run_id, polar_event_id, meter_event_id, event_name, event_timestamp)
-    SELECT coalesce(e->>'external_customer_id', e->'customer'->>'external_id', ''), r.id, e->>'id',
-           CASE WHEN e->'metadata'->>v_mid ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                THEN (e->'metadata'->>v_mid)::uuid END,
-           e->>'name', (e->>'timestamp')::timestamptz
-    FROM jsonb_array_elements(events) e
+    SELECT coalesce(u.customer, ''), r.id, u.polar_id, u.event_id, u.name, u.ts
+    FROM unnest(polar_ids, customers, event_ids, names, timestamps) AS u(polar_id, customer, event_id, name, ts)
     ON CONFLICT DO NOTHING;   -- offset pages can repeat an event: keep it once
     GET DIAGNOSTICS n = ROW_COUNT;
-    IF reconcile_add_remote.organization_id IS NULL THEN
+    IF reconcile_add_listed.organization_id IS NULL THEN
         UPDATE meter.reconcile_run x SET pages_done = greatest(x.pages_done, page) WHERE x.id = r.id;
     ELSE
         UPDATE meter.reconcile_count c SET pages_done = greatest(c.pages_done, page)
-        WHERE c.run_id = r.id AND c.organization_id = reconcile_add_remote.organization_id
-          AND c.event_name = reconcile_add_remote.event_name;
+        WHERE c.run_id = r.id AND c.organization_id = reconcile_add_listed.organization_id
+          AND c.event_name = reconcile_add_listed.event_name;
     END IF;
     RETURN n;
 END
 $$;
+COMMENT ON FUNCTION meter.reconcile_add_listed(bigint, text, text, int, text[], text[], uuid[], text[], timestamptz[], interval) IS
+  'Hands back one page of the events Polar lists for a run, one array element per event: Polar''s event id, the customer (our organization id), our event id (NULL when Polar''s copy names none), the event name and its timestamp; for one listed (customer, event name) or, with NULLs, the whole window. Repeated events are kept once. Records the page as done and extends the lease. PM051 unless the arrays are equally long and at most 1000. Returns rows added.';
+
+CREATE FUNCTION meter.reconcile_add_remote(run_id bigint, organization_id text, event_name text, page int, events jsonb,
+                                           lease interval DEFAULT '5 minutes')
+RETURNS int
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = meter, pg_catalog, pg_temp
+AS $$
+    -- Polar's event list, as 0.3 sidecars hand it over.
+    SELECT meter.reconcile_add_listed(run_id, organization_id, event_name, page,
+        coalesce(array_agg(e->>'id'), '{}'),
+        coalesce(array_agg(coalesce(e->>'external_customer_id', e->'customer'->>'external_id', '')), '{}'),
+        coalesce(array_agg(CASE WHEN e->'metadata'->>meter._reserved_metadata_key()
+                                     ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                                THEN (e->'metadata'->>meter._reserved_metadata_key())::uuid END), '{}'),
+        coalesce(array_agg(e->>'name'), '{}'),
+        coalesce(array_agg((e->>'timestamp')::timestamptz), '{}'),
+        lease)
+    FROM jsonb_array_elements(events) e
+$$;
 COMMENT ON FUNCTION meter.reconcile_add_remote(bigint, text, text, int, jsonb, interval) IS
-  'Hands back one page of Polar''s event list for a run (events as Polar returns them), for one listed (customer, event name) or, with NULLs, the whole window; repeated events are kept once. Records the page as done and extends the lease. Returns rows added.';
+  'Deprecated since 0.4.0, removed in 0.5.0: kept for 0.3 sidecars during a rolling upgrade. reconcile_add_listed, with the page as Polar''s list returns it (a JSON array of Polar''s events).';
 
 -- reconcile_finish, in named steps.
 

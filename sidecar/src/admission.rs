@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 use crate::db::DbError;
 use crate::problem::Problem;
 
-const VERIFY: &str = "SELECT organization_id FROM meter.verify_api_key($1::text, $2::text)";
-
 /// Keys whose verdict is remembered at most; past it expired entries go,
 /// and if none had expired, all of them (a flood of made-up keys costs one
 /// verification each, never memory).
@@ -123,10 +121,7 @@ impl Admission {
     }
 
     async fn verify(&self, key: &str) -> Result<(), DbError> {
-        let c = self.pool.get().await?;
-        let stmt = c.prepare_cached(VERIFY).await?;
-        c.query(&stmt, &[&key, &"fence:meter"]).await?;
-        Ok(())
+        crate::store::record::verify_api_key(&self.pool, key, "fence:meter").await
     }
 
     /// Verdicts remembered now (for /metrics).

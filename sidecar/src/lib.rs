@@ -9,23 +9,24 @@ pub mod config;
 pub mod db;
 pub mod db_tls;
 pub mod http;
-pub mod ingest;
 pub mod jobs;
 pub mod metrics;
 pub mod polar;
 pub mod problem;
+pub mod recorder;
 pub mod routes;
+pub mod store;
 
 /// Version of this binary.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The oldest polar_meter extension whose functions this binary calls
 /// (/readyz requires at least this).
-pub const MIN_EXTENSION: &str = "0.3.0";
+pub const MIN_EXTENSION: &str = "0.4.0";
 
 /// What `--version` prints: this binary, the polar_meter extension it needs,
 /// and the Polar API version it pins.
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    " (polar_meter extension 0.3.0 or later, Polar-Version 2026-04)"
+    " (polar_meter extension 0.4.0 or later, Polar-Version 2026-04)"
 );

@@ -1,9 +1,10 @@
 use clap::Parser;
 use polar_meterd::config::{Cli, Command, Config, LogFormat};
 use polar_meterd::db::{Pools, Target};
+use polar_meterd::jobs::Budget;
 use polar_meterd::jobs::{self, Jobs, Settings};
 use polar_meterd::metrics::Metrics;
-use polar_meterd::polar::{Budget, Client, Health};
+use polar_meterd::polar::{Client, Health};
 use polar_meterd::routes::{App, Limits, Surface};
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -110,13 +111,9 @@ async fn backfill(cfg: Config) -> Result<(), String> {
     if j.polar.is_none() {
         return Err("backfill needs POLAR_ACCESS_TOKEN".into());
     }
-    let c = pools.background.get().await.map_err(|e| e.to_string())?;
-    let queued: i64 = c
-        .query_one("SELECT meter.backfill_polar_customers()", &[])
+    let queued = polar_meterd::store::customers::backfill_polar_customers(&pools.background)
         .await
-        .map_err(|e| polar_meterd::db::DbError::from(e).to_string())?
-        .get(0);
-    drop(c);
+        .map_err(|e| e.to_string())?;
     let terminal = std::io::stderr().is_terminal();
     if terminal {
         eprint!("backfill: {queued} organizations queued; creating customers…");
@@ -160,18 +157,16 @@ async fn reconcile(
                 .to_utc(),
         ),
     };
-    let length = format!("{hours} hours");
+    let length = std::time::Duration::from_secs(u64::from(hours) * 3600);
     let mode = full.then_some("full");
-    let c = pools.background.get().await.map_err(|e| e.to_string())?;
-    let run: i64 = c
-        .query_one(
-            "SELECT meter.reconcile_meter_to_polar($1, $2::text::interval, $3)",
-            &[&end, &length, &mode],
-        )
-        .await
-        .map_err(|e| polar_meterd::db::DbError::from(e).to_string())?
-        .get(0);
-    drop(c);
+    let run = polar_meterd::store::reconcile::reconcile_meter_to_polar(
+        &pools.background,
+        end,
+        length,
+        mode,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let terminal = std::io::stderr().is_terminal();
     let progress: &dyn polar_meterd::jobs::reconcile::Progress = if terminal {
         &Stderr
@@ -232,7 +227,7 @@ async fn serve(cfg: Config) -> Result<(), String> {
         ),
         bodies: bodies.clone(),
         metrics: metrics.clone(),
-        recorder: polar_meterd::ingest::Recorder::new(
+        recorder: polar_meterd::recorder::Recorder::new(
             pools.requests.clone(),
             cfg.group_commit_concurrency,
             cfg.max_pending_events,

@@ -24,3 +24,7 @@ $$;
 
 -- The sidecar's alerts are limited per kind and organization an hour.
 CREATE INDEX alert_recent ON meter.alert (organization_id, kind, raised_at);
+
+-- Polar's event body is built by the sidecar now (claim_delivery returns
+-- events as stored); 0.3's claim_events builds it inline until 0.5.0.
+DROP FUNCTION meter._event_payload(meter.meter_event);

@@ -95,20 +95,44 @@ pub struct Checked {
 
 /// The envelope: an array of 1 to MAX_EVENTS items.
 pub fn envelope(events: &Value) -> Result<usize, Violation> {
-    match events.as_array() {
-        Some(a) if !a.is_empty() && a.len() <= MAX_EVENTS => Ok(a.len()),
-        Some(a) => Err(Violation::new(
+    envelope_len(events.as_array().map(Vec::len))
+}
+
+/// The envelope's rule on its length (None: events is not an array).
+pub fn envelope_len(len: Option<usize>) -> Result<usize, Violation> {
+    match len {
+        Some(n) if n > 0 && n <= MAX_EVENTS => Ok(n),
+        Some(n) => Err(Violation::new(
             sqlstate::BATCH_ENVELOPE,
-            format!(
-                "events must hold 1 to {MAX_EVENTS} events (got {})",
-                a.len()
-            ),
+            format!("events must hold 1 to {MAX_EVENTS} events (got {n})"),
         )),
         None => Err(Violation::new(
             sqlstate::BATCH_ENVELOPE,
             "events must be a JSON array",
         )),
     }
+}
+
+/// The SQLSTATE of a violation at `field` (a dotted path inside an event):
+/// its top-level field's code, or the event's shape for any other field.
+pub fn field_code(field: &str) -> &'static str {
+    match field.split('.').next().unwrap_or_default() {
+        "event_name" => sqlstate::EVENT_NAME,
+        "idempotency_key" => sqlstate::IDEMPOTENCY_KEY,
+        "event_timestamp" => sqlstate::EVENT_TIMESTAMP,
+        "metadata" => sqlstate::EVENT_METADATA,
+        _ => sqlstate::EVENT_SHAPE,
+    }
+}
+
+/// An event whose JSON holds `field` twice (a dotted path): refused, since
+/// which of the two values counts would be a guess. jsonb keeps the last one
+/// silently, so the sidecar checks this while parsing a request.
+pub fn duplicate_key(field: &str) -> Violation {
+    Violation::new(
+        field_code(field),
+        format!("{field} appears twice in the event"),
+    )
 }
 
 /// Why an item could not even reach the database, if it could not: a NUL
@@ -119,13 +143,7 @@ pub fn envelope(events: &Value) -> Result<usize, Violation> {
 /// neighbours; the answer names the field as the full check would.
 pub fn unstorable(item: &Value) -> Option<Violation> {
     fn walk(v: &Value, field: &str) -> Option<Violation> {
-        let code = match field.split('.').next().unwrap_or_default() {
-            "event_name" => sqlstate::EVENT_NAME,
-            "idempotency_key" => sqlstate::IDEMPOTENCY_KEY,
-            "event_timestamp" => sqlstate::EVENT_TIMESTAMP,
-            "metadata" => sqlstate::EVENT_METADATA,
-            _ => sqlstate::EVENT_SHAPE,
-        };
+        let code = field_code(field);
         let name = if field.is_empty() { "the event" } else { field };
         match v {
             Value::String(s) if s.contains('\0') => {
@@ -540,5 +558,27 @@ mod tests {
         }
         assert_eq!(v, &Value::Array(vec![]));
         assert!(parse("[1,").is_err(), "broken JSON stays an error");
+    }
+
+    #[test]
+    fn a_field_found_twice_is_named_with_its_fields_code() {
+        for (field, code) in [
+            ("event_name", sqlstate::EVENT_NAME),
+            ("metadata.tokens", sqlstate::EVENT_METADATA),
+            ("metadata", sqlstate::EVENT_METADATA),
+            ("idempotency_key", sqlstate::IDEMPOTENCY_KEY),
+            ("event_timestamp", sqlstate::EVENT_TIMESTAMP),
+            ("colour", sqlstate::EVENT_SHAPE),
+        ] {
+            let v = duplicate_key(field);
+            assert_eq!(v.sqlstate, code, "{field}");
+            assert!(v.message.starts_with(field), "{}", v.message);
+        }
+        assert_eq!(
+            envelope_len(Some(0)).unwrap_err().sqlstate,
+            sqlstate::BATCH_ENVELOPE
+        );
+        assert_eq!(envelope_len(Some(MAX_EVENTS)), Ok(MAX_EVENTS));
+        assert!(envelope_len(None).unwrap_err().message.contains("array"));
     }
 }

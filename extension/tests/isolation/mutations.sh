@@ -16,7 +16,7 @@ trap 'rm -rf "$OUT"; "${PSQL[@]}" -c "DROP DATABASE IF EXISTS pm_mutant" >/dev/n
 # spec | function | sed expression that removes the behaviour
 mutants=(
   "events_idempotent_race|meter._record_batch(text,uuid,jsonb)|s/ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING//"
-  "outbox_claims|meter.claim_events(text,int,interval)|s/FOR UPDATE SKIP LOCKED/FOR UPDATE/"
+  "outbox_claims|meter.claim_delivery(text,int,interval)|s/FOR UPDATE SKIP LOCKED/FOR UPDATE/"
   "keys_revoke_verify|meter._verify_api_key(text,text)|s/IF r.revoked_at IS NOT NULL THEN/IF false THEN/"
   "audit_sealer_writers|meter.seal_audit_chain(text,int)|s/WHERE a.organization_id = org_id AND a.row_hash IS NULL/& AND a.id > coalesce((SELECT max(z.id) FROM meter.audit_log z WHERE z.organization_id = org_id AND z.row_hash IS NOT NULL), 0)/"
 )

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{JobError, Jobs};
+use crate::store::alerts::{self, Alert};
 
 /// Characters of an alert's detail written to the log (the webhook gets all of it).
 const LOGGED_DETAIL_CHARS: usize = 1000;
@@ -37,41 +38,29 @@ pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
 }
 
 /// The JSON body the webhook receives (README, "Alerts").
-pub fn webhook_body(row: &tokio_postgres::Row) -> Value {
-    let (org, id, kind, dedup_key): (String, i64, String, String) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    let raised_at: chrono::DateTime<chrono::Utc> = row.get(4);
-    let (detail, attempt): (Value, i32) = (row.get(5), row.get(6));
+pub fn webhook_body(a: &Alert) -> Value {
     json!({
         "source": "polar-meter",
-        "alert_id": format!("{org}/{id}"),
-        "dedup_key": dedup_key,
-        "kind": kind,
-        "organization_id": org,
-        "raised_at": raised_at,
-        "attempt": attempt,
-        "detail": detail,
+        "alert_id": format!("{}/{}", a.organization_id, a.alert_id),
+        "dedup_key": a.dedup_key,
+        "kind": a.kind,
+        "organization_id": a.organization_id,
+        "raised_at": a.raised_at,
+        "attempt": a.attempts,
+        "detail": a.detail,
     })
 }
 
 async fn forward_due(jobs: &Jobs, http: &reqwest::Client) -> Result<(), JobError> {
     loop {
-        let rows = {
-            let c = jobs.pool.get().await?;
-            c.query(
-                "SELECT organization_id, alert_id, kind, dedup_key, raised_at, detail, attempts
-                 FROM meter.claim_alerts(100, '1 minute')",
-                &[],
-            )
-            .await?
-        };
+        let rows = alerts::claim_alerts(&jobs.pool).await?;
         if rows.is_empty() {
             return Ok(());
         }
         let url = jobs.webhook.read().unwrap().clone();
         for row in rows {
             let body = webhook_body(&row);
-            let (org, id): (String, i64) = (row.get(0), row.get(1));
+            let org = &row.organization_id;
             // Plain values, and the detail cut short: the log is not the place
             // for a payload of any size.
             let detail = body["detail"].to_string();
@@ -90,23 +79,15 @@ async fn forward_due(jobs: &Jobs, http: &reqwest::Client) -> Result<(), JobError
                     Err(e) => Err(format!("webhook unreachable: {}", e.without_url())),
                 },
             };
-            let c = jobs.pool.get().await?;
             match result {
                 Ok(()) => {
-                    c.query_one("SELECT meter.alert_forwarded($1, $2)", &[&org, &id])
-                        .await?;
+                    alerts::alert_forwarded(&jobs.pool, &row).await?;
                     jobs.metrics
                         .alerts_forwarded
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    let status: Option<String> = c
-                        .query_one(
-                            "SELECT meter.alert_forward_failed($1, $2, $3)",
-                            &[&org, &id, &e],
-                        )
-                        .await?
-                        .get(0);
+                    let status = alerts::alert_forward_failed(&jobs.pool, &row, &e).await?;
                     jobs.metrics
                         .alert_forward_failures
                         .fetch_add(1, Ordering::Relaxed);

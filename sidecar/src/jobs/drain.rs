@@ -2,29 +2,33 @@
 //! in turn, so one organization's backlog never holds back another's fresh
 //! events by more than a round), send them to Polar, report each outcome.
 //! Claim (commit), call, report (commit): no transaction spans a Polar call.
-//!
-//! Outcomes: accepted -> sent; 429 -> pending again, not an attempt; 422 ->
-//! the named events rejected (or retried, when Polar only finds them in its
-//! future and they are within max_future_skew of our clock), the rest resent
-//! at once, bisecting when Polar names none; a transient failure -> an attempt
-//! (backoff, dropped after 7); a systemic failure, or the breaker opening ->
-//! everything in hand handed back untouched, and delivery pauses.
-use serde_json::Value;
+//! What each answer calls for is decided in outcome.rs; this file only
+//! performs it.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::outcome::{decide, Polar, Report};
 use super::{JobError, Jobs};
-use crate::polar::client::is_future_timestamp;
-use crate::polar::{Failure, Ingest};
+use crate::polar::events;
+use crate::store::outbox::{self, Claimed, Held};
+use crate::store::until_taken;
 
 /// Polar caps a body at 10 MiB; stay well under it.
 const MAX_BODY_BYTES: usize = 9 * 1024 * 1024;
 /// Organizations taken per round.
 const ORGS_PER_ROUND: i32 = 100;
+/// Handed back while Polar is unavailable: due again this soon (the probe
+/// decides when delivery resumes).
+const PAUSED_RETRY: Duration = Duration::from_secs(5);
 
-type Event = (Uuid, Value);
+/// An event ready to send: its id, and its JSON as Polar receives it.
+struct Outgoing {
+    id: Uuid,
+    json: Vec<u8>,
+}
 
 pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -52,17 +56,7 @@ pub async fn drain(jobs: &Jobs, stop: &watch::Receiver<bool>) -> Result<(), JobE
         if *stop.borrow() || jobs.health.is_paused() {
             return Ok(());
         }
-        let orgs: Vec<String> = {
-            let c = jobs.pool.get().await?;
-            c.query(
-                "SELECT organization_id FROM meter.due_organizations($1)",
-                &[&ORGS_PER_ROUND],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-        };
+        let orgs = outbox::due_organizations(&jobs.pool, ORGS_PER_ROUND).await?;
         if orgs.is_empty() {
             return Ok(());
         }
@@ -70,26 +64,28 @@ pub async fn drain(jobs: &Jobs, stop: &watch::Receiver<bool>) -> Result<(), JobE
             if *stop.borrow() || jobs.health.is_paused() {
                 return Ok(());
             }
-            let rows = {
-                let c = jobs.pool.get().await?;
-                c.query(
-                    "SELECT batch_id, event_id, payload FROM meter.claim_events($1, $2, $3::text::interval)",
-                    &[&org, &jobs.s.batch_size, &jobs.lease_text()],
-                )
-                .await?
-            };
-            let Some(first) = rows.first() else { continue };
-            let batch: Uuid = first.get(0);
-            let events: Vec<Event> = rows.iter().map(|r| (r.get(1), r.get(2))).collect();
+            let claim =
+                outbox::claim_delivery(&jobs.pool, &org, jobs.s.batch_size, jobs.s.lease).await?;
+            let Some(claim) = claim else { continue };
+            let events: Vec<Outgoing> = claim.events.iter().map(|e| outgoing(&org, e)).collect();
             let chunks = chunks_under(&events, MAX_BODY_BYTES);
             for (i, chunk) in chunks.iter().enumerate() {
-                if let Flow::Paused = send(jobs, &org, batch, chunk).await? {
+                if let Flow::Paused = send(jobs, &org, claim.batch_id, chunk).await? {
                     // Hand the rest back untouched; the probe resumes delivery.
                     let rest: Vec<Uuid> = chunks[i + 1..]
                         .iter()
-                        .flat_map(|c| c.iter().map(|e| e.0))
+                        .flat_map(|c| c.iter().map(|e| e.id))
                         .collect();
-                    defer(jobs, &org, batch, &rest, 5).await?;
+                    defer(
+                        jobs,
+                        Held {
+                            org: &org,
+                            batch: claim.batch_id,
+                            ids: &rest,
+                        },
+                        PAUSED_RETRY,
+                    )
+                    .await?;
                     return Ok(());
                 }
             }
@@ -97,214 +93,176 @@ pub async fn drain(jobs: &Jobs, stop: &watch::Receiver<bool>) -> Result<(), JobE
     }
 }
 
-/// Sends one chunk and reports its outcome, isolating refused events.
-async fn send(jobs: &Jobs, org: &str, batch: Uuid, events: &[Event]) -> Result<Flow, JobError> {
+fn outgoing(org: &str, e: &Claimed) -> Outgoing {
+    Outgoing {
+        id: e.event_id,
+        json: events::encode(org, e),
+    }
+}
+
+/// Sends one chunk and performs what its answers call for, isolating
+/// refused events.
+async fn send(jobs: &Jobs, org: &str, batch: Uuid, events: &[Outgoing]) -> Result<Flow, JobError> {
     let polar = jobs.polar.as_ref().expect("drain runs with a Polar client");
-    let mut pending: Vec<Vec<Event>> = vec![events.to_vec()];
+    let mut pending: Vec<Vec<&Outgoing>> = vec![events.iter().collect()];
     while let Some(chunk) = pending.pop() {
         if chunk.is_empty() {
             continue;
         }
-        let ids: Vec<Uuid> = chunk.iter().map(|e| e.0).collect();
+        let ids: Vec<Uuid> = chunk.iter().map(|e| e.id).collect();
         if jobs.health.is_paused() {
             return pause(jobs, org, batch, &ids, &pending).await;
         }
         jobs.budget.acquire().await?;
-        let payloads: Vec<&Value> = chunk.iter().map(|e| &e.1).collect();
-        match polar.ingest(&payloads).await {
-            Ingest::Accepted {
-                inserted,
-                duplicates,
-            } => {
+        let bodies: Vec<&[u8]> = chunk.iter().map(|e| e.json.as_slice()).collect();
+        let answer = polar.ingest(&bodies).await;
+        let steps = decide(&answer, chunk.len());
+        match &steps.polar {
+            Polar::Healthy => {
                 jobs.health.success();
-                // Checked: Polar's figures are untrusted input, and a wrapped
-                // sum could equal the batch size.
-                if inserted.checked_add(duplicates) != Some(chunk.len() as u64) {
-                    let detail = format!(
-                        "inserted {inserted} + duplicates {duplicates} for {} events",
-                        chunk.len()
-                    );
-                    tracing::error!(
-                        organization_id = org,
-                        events = chunk.len(),
-                        inserted,
-                        duplicates,
-                        "Polar's answer does not add up; nothing marked sent"
-                    );
-                    report_failure(
-                        jobs,
-                        "SELECT failed, dropped FROM meter.delivery_unconfirmed($1, $2, $3, $4)",
-                        org,
-                        batch,
-                        &ids,
-                        &detail,
-                    )
-                    .await?;
-                    continue;
-                }
-                let n = report_count(
-                    jobs,
-                    "SELECT meter.delivery_sent($1, $2, $3)",
-                    org,
-                    batch,
-                    &ids,
-                    None,
-                )
-                .await?;
-                jobs.metrics
-                    .events_delivered
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                tracing::info!(
-                    organization_id = org,
-                    events = chunk.len(),
-                    inserted,
-                    duplicates,
-                    marked_sent = n,
-                    "delivered to Polar"
-                );
             }
-            Ingest::RateLimited(wait) => {
-                jobs.health.success();
-                jobs.budget.pause(wait).await?;
-                defer(jobs, org, batch, &ids, wait.as_secs().max(1)).await?;
-                tracing::info!(
-                    events = chunk.len(),
-                    retry_after_secs = wait.as_secs(),
-                    "Polar rate-limited us"
-                );
-            }
-            Ingest::Invalid { refused, message } => {
-                jobs.health.success();
-                let named: Vec<(usize, String)> = refused
-                    .into_iter()
-                    .filter(|(i, _)| *i < chunk.len())
-                    .collect();
-                if named.is_empty() && chunk.len() > 1 {
-                    // Polar named no event: halve until the bad ones stand alone.
-                    let (a, b) = chunk.split_at(chunk.len() / 2);
-                    pending.push(b.to_vec());
-                    pending.push(a.to_vec());
-                    continue;
-                }
-                let named = if named.is_empty() {
-                    vec![(0, message.clone())]
-                } else {
-                    named
-                };
-                let (early, bad): (Vec<_>, Vec<_>) =
-                    named.iter().partition(|(_, m)| is_future_timestamp(m));
-                let pick = |v: &Vec<&(usize, String)>| {
-                    v.iter().map(|(i, _)| chunk[*i].0).collect::<Vec<Uuid>>()
-                };
-                let (early_ids, bad_ids) = (pick(&early), pick(&bad));
-                if !early_ids.is_empty() {
-                    let n = report_count(
-                        jobs,
-                        "SELECT meter.delivery_too_early($1, $2, $3, $4)",
-                        org,
-                        batch,
-                        &early_ids,
-                        Some(&message),
-                    )
-                    .await?;
-                    jobs.metrics
-                        .events_deferred
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    tracing::warn!(
-                        organization_id = org,
-                        events = early_ids.len(),
-                        retried = n,
-                        "Polar found events in its future (clock skew?)"
-                    );
-                }
-                if !bad_ids.is_empty() {
-                    let n = report_count(
-                        jobs,
-                        "SELECT meter.delivery_rejected($1, $2, $3, $4)",
-                        org,
-                        batch,
-                        &bad_ids,
-                        Some(&message),
-                    )
-                    .await?;
-                    jobs.metrics
-                        .events_rejected
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    tracing::warn!(organization_id = org, rejected = n, error = %message, "Polar rejected events; resending the rest");
-                }
-                let rest: Vec<Event> = chunk
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !named.iter().any(|(j, _)| j == i))
-                    .map(|(_, e)| e.clone())
-                    .collect();
-                pending.push(rest);
-            }
-            Ingest::Failed(Failure::Systemic(cause)) => {
-                if jobs.health.systemic(&cause) {
+            Polar::Systemic(cause) => {
+                if jobs.health.systemic(cause) {
                     tracing::error!(cause = %cause, "Polar is unavailable: delivery paused");
                     jobs.wake.probe.notify_one();
                 }
                 return pause(jobs, org, batch, &ids, &pending).await;
             }
-            Ingest::Failed(Failure::Transient(cause) | Failure::TooLarge(cause)) => {
-                if jobs.polar_wide(&cause).await {
+            Polar::Transient(cause) => {
+                if jobs.polar_wide(cause).await {
                     return pause(jobs, org, batch, &ids, &pending).await;
                 }
-                report_failure(
-                    jobs,
-                    "SELECT failed, dropped FROM meter.delivery_failed($1, $2, $3, $4)",
-                    org,
-                    batch,
-                    &ids,
-                    &cause,
-                )
-                .await?;
-                tracing::warn!(organization_id = org, events = chunk.len(), error = %cause, "delivery to Polar failed; backing off");
             }
+        }
+        if let Some(wait) = steps.hold {
+            jobs.budget.pause(wait).await?;
+        }
+        for report in &steps.reports {
+            perform(jobs, org, batch, report, &ids).await?;
+        }
+        // Resent in the order given: pushed last first.
+        for part in steps.resend.iter().rev() {
+            pending.push(part.iter().map(|i| chunk[*i]).collect());
         }
     }
     Ok(Flow::Continue)
 }
 
+/// One report to the database, with its metric and log line.
+async fn perform(
+    jobs: &Jobs,
+    org: &str,
+    batch: Uuid,
+    report: &Report,
+    chunk: &[Uuid],
+) -> Result<(), JobError> {
+    let ids: Vec<Uuid> = report.positions().iter().map(|i| chunk[*i]).collect();
+    let h = Held {
+        org,
+        batch,
+        ids: &ids,
+    };
+    let (m, pool, n) = (&jobs.metrics, &jobs.pool, ids.len());
+    match report {
+        Report::Sent(_) => {
+            let sent = until_taken("delivery_sent", || outbox::delivery_sent(pool, h)).await?;
+            m.events_delivered.fetch_add(sent as u64, Ordering::Relaxed);
+            tracing::info!(
+                organization_id = org,
+                events = n,
+                marked_sent = sent,
+                "delivered to Polar"
+            );
+        }
+        Report::Unconfirmed(_, detail) => {
+            tracing::error!(organization_id = org, events = n, detail = %detail,
+                "Polar's answer does not add up; nothing marked sent");
+            let f = until_taken("delivery_unconfirmed", || {
+                outbox::delivery_unconfirmed(pool, h, detail)
+            })
+            .await?;
+            m.events_dropped
+                .fetch_add(f.dropped as u64, Ordering::Relaxed);
+        }
+        Report::Deferred(_, wait) => {
+            defer(jobs, h, *wait).await?;
+            tracing::info!(
+                events = n,
+                retry_after_secs = wait.as_secs(),
+                "Polar rate-limited us"
+            );
+        }
+        Report::TooEarly(_, message) => {
+            let retried = until_taken("delivery_too_early", || {
+                outbox::delivery_too_early(pool, h, message)
+            })
+            .await?;
+            m.events_deferred
+                .fetch_add(retried as u64, Ordering::Relaxed);
+            tracing::warn!(
+                organization_id = org,
+                events = n,
+                retried,
+                "Polar found events in its future (clock skew?)"
+            );
+        }
+        Report::Rejected(_, message) => {
+            let rejected = until_taken("delivery_rejected", || {
+                outbox::delivery_rejected(pool, h, message)
+            })
+            .await?;
+            m.events_rejected
+                .fetch_add(rejected as u64, Ordering::Relaxed);
+            tracing::warn!(organization_id = org, rejected, error = %message, "Polar rejected events; resending the rest");
+        }
+        Report::Failed(_, cause) => {
+            let f = until_taken("delivery_failed", || {
+                outbox::delivery_failed(pool, h, cause)
+            })
+            .await?;
+            m.events_dropped
+                .fetch_add(f.dropped as u64, Ordering::Relaxed);
+            tracing::warn!(organization_id = org, events = n, error = %cause, "delivery to Polar failed; backing off");
+        }
+    }
+    Ok(())
+}
+
 /// Delivery paused: the chunk in hand and every chunk still pending go back
-/// untouched, due again in 5 seconds (the probe decides when delivery resumes).
+/// untouched (the probe decides when delivery resumes).
 async fn pause(
     jobs: &Jobs,
     org: &str,
     batch: Uuid,
     ids: &[Uuid],
-    pending: &[Vec<Event>],
+    pending: &[Vec<&Outgoing>],
 ) -> Result<Flow, JobError> {
     let all: Vec<Uuid> = ids
         .iter()
         .copied()
-        .chain(pending.iter().flatten().map(|e| e.0))
+        .chain(pending.iter().flatten().map(|e| e.id))
         .collect();
-    defer(jobs, org, batch, &all, 5).await?;
+    defer(
+        jobs,
+        Held {
+            org,
+            batch,
+            ids: &all,
+        },
+        PAUSED_RETRY,
+    )
+    .await?;
     Ok(Flow::Paused)
 }
 
-/// Back to pending after `secs`, attempts untouched.
-async fn defer(
-    jobs: &Jobs,
-    org: &str,
-    batch: Uuid,
-    ids: &[Uuid],
-    secs: u64,
-) -> Result<(), JobError> {
-    if ids.is_empty() {
+/// Back to pending after `wait`, attempts untouched.
+async fn defer(jobs: &Jobs, h: Held<'_>, wait: Duration) -> Result<(), JobError> {
+    if h.ids.is_empty() {
         return Ok(());
     }
-    let wait = format!("{secs} seconds");
-    let n = report_count(
-        jobs,
-        "SELECT meter.delivery_deferred($1, $2, $3, $4::text::interval)",
-        org,
-        batch,
-        ids,
-        Some(&wait),
-    )
+    let n = until_taken("delivery_deferred", || {
+        outbox::delivery_deferred(&jobs.pool, h, wait)
+    })
     .await?;
     jobs.metrics
         .events_deferred
@@ -312,53 +270,12 @@ async fn defer(
     Ok(())
 }
 
-async fn report_count(
-    jobs: &Jobs,
-    sql: &str,
-    org: &str,
-    batch: Uuid,
-    ids: &[Uuid],
-    arg: Option<&String>,
-) -> Result<i32, JobError> {
-    jobs.report(sql, || async {
-        let c = jobs.pool.get().await?;
-        let row = match arg {
-            Some(a) => c.query_one(sql, &[&org, &batch, &ids, a]).await?,
-            None => c.query_one(sql, &[&org, &batch, &ids]).await?,
-        };
-        Ok(row.get(0))
-    })
-    .await
-}
-
-async fn report_failure(
-    jobs: &Jobs,
-    sql: &str,
-    org: &str,
-    batch: Uuid,
-    ids: &[Uuid],
-    error: &str,
-) -> Result<(), JobError> {
-    let dropped: i32 = jobs
-        .report(sql, || async {
-            let c = jobs.pool.get().await?;
-            Ok(c.query_one(sql, &[&org, &batch, &ids, &error])
-                .await?
-                .get(1))
-        })
-        .await?;
-    jobs.metrics
-        .events_dropped
-        .fetch_add(dropped as u64, Ordering::Relaxed);
-    Ok(())
-}
-
 /// Splits events into runs whose JSON body stays under `limit` bytes.
-fn chunks_under(events: &[Event], limit: usize) -> Vec<&[Event]> {
+fn chunks_under(events: &[Outgoing], limit: usize) -> Vec<&[Outgoing]> {
     let mut out = Vec::new();
     let (mut start, mut size) = (0, 16);
-    for (i, (_, p)) in events.iter().enumerate() {
-        let n = p.to_string().len() + 1;
+    for (i, e) in events.iter().enumerate() {
+        let n = e.json.len() + 1;
         if i > start && size + n > limit {
             out.push(&events[start..i]);
             start = i;
@@ -379,16 +296,18 @@ mod tests {
 
     #[test]
     fn chunks_respect_the_byte_limit_and_keep_every_event() {
-        let events: Vec<Event> = (0..100)
-            .map(|i| (Uuid::new_v4(), json!({"n": "x".repeat(90), "i": i})))
+        let events: Vec<Outgoing> = (0..100)
+            .map(|i| Outgoing {
+                id: Uuid::new_v4(),
+                json: serde_json::to_vec(&json!({"n": "x".repeat(90), "i": i})).unwrap(),
+            })
             .collect();
         let chunks = chunks_under(&events, 1000);
         assert!(chunks.len() > 10);
         assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 100);
         for c in &chunks {
-            let body =
-                serde_json::to_vec(&json!({"events": c.iter().map(|e| &e.1).collect::<Vec<_>>()}))
-                    .unwrap();
+            let parts: Vec<&[u8]> = c.iter().map(|e| e.json.as_slice()).collect();
+            let body = events::ingest_body(&parts);
             assert!(body.len() <= 1000, "{}", body.len());
         }
         assert_eq!(chunks_under(&events, usize::MAX).len(), 1);

@@ -9,13 +9,6 @@ use tokio_postgres::AsyncMessage;
 
 use super::Jobs;
 
-pub const CHANNELS: [&str; 4] = [
-    "meter_outbox",
-    "meter_provision",
-    "meter_reconcile",
-    "polar_meter_alert",
-];
-
 pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -44,9 +37,8 @@ pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
                         }
                     }
                 });
-                let listen: String = CHANNELS.iter().map(|c| format!("LISTEN {c};")).collect();
-                match client.batch_execute(&listen).await {
-                    Err(e) => tracing::warn!(error = %crate::db::DbError::from(e), "LISTEN failed"),
+                match crate::store::listen::listen(&client).await {
+                    Err(e) => tracing::warn!(error = %e, "subscribing to notifications failed"),
                     Ok(()) => {
                         tracing::info!("listening for database notifications");
                         // Whatever was notified while we were away is in the tables.

@@ -3,14 +3,18 @@
 //! never read) and the work itself lives in tables.
 //!   listener  LISTEN, and wake-up flags (coalesced: one pending per job)
 //!   drain     claim due events per organization, send them, report outcomes
+//!   outcome   what an ingest answer calls for (pure: no I/O)
+//!   budget    the call budget towards Polar that every sidecar shares
 //!   provision create or update organizations' Polar customers
 //!   reconcile work reconcile runs (counts, listings, the verdict)
 //!   alerts    forward alert rows to the webhook
 //!   probe     while Polar is unavailable: alert, check, resume
 //!   stats     read the outbox's figures for /metrics
 pub mod alerts;
+pub mod budget;
 pub mod drain;
 pub mod listener;
+pub mod outcome;
 pub mod probe;
 pub mod provision;
 pub mod reconcile;
@@ -23,7 +27,8 @@ use tokio::sync::{watch, Notify};
 
 use crate::db::{DbError, Target};
 use crate::metrics::Metrics;
-use crate::polar::{Budget, Client, Health};
+use crate::polar::{Client, Health};
+pub use budget::Budget;
 
 /// What went wrong in a job: worth retrying soon (the database or Polar was
 /// away), or not until something changes (a refusal, our own mistake).
@@ -160,10 +165,6 @@ impl Jobs {
         }
     }
 
-    pub fn lease_text(&self) -> String {
-        format!("{} seconds", self.s.lease.as_secs())
-    }
-
     /// After a transient failure (`cause`): is Polar failing as a whole? When
     /// every recent call failed, one cheap authenticated call that concerns no
     /// organization decides: if it fails too, delivery pauses (and this
@@ -196,27 +197,6 @@ impl Jobs {
                     self.wake.probe.notify_one();
                 }
                 true
-            }
-        }
-    }
-
-    /// Runs one outcome report until the database takes it: the lease keeps
-    /// others off these rows meanwhile, so a blip must not lose the outcome.
-    pub async fn report<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, JobError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, JobError>>,
-    {
-        let mut tries = 0u32;
-        loop {
-            match f().await {
-                Ok(v) => return Ok(v),
-                Err(JobError::Retryable(e)) if tries < 20 => {
-                    tries += 1;
-                    tracing::warn!(error = %e, what, "reporting to the database failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(250 * u64::from(tries))).await;
-                }
-                Err(e) => return Err(e),
             }
         }
     }

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::Jobs;
 use crate::polar::Failure;
+use crate::store::polar_state;
 
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 
@@ -23,18 +24,8 @@ pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
             if last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
                 last_report = Some(Instant::now());
                 let detail = serde_json::json!({"paused_for_seconds": since.elapsed().as_secs(), "polar_api_url": polar_url(&jobs)});
-                match jobs.pool.get().await {
-                    Ok(c) => {
-                        if let Err(e) = c
-                            .query_one("SELECT meter.polar_unavailable($1, $2)", &[&cause, &detail])
-                            .await
-                        {
-                            tracing::warn!(error = %crate::db::DbError::from(e), "reporting polar_unavailable failed");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %crate::db::DbError::from(e), "reporting polar_unavailable failed")
-                    }
+                if let Err(e) = polar_state::polar_unavailable(&jobs.pool, &cause, &detail).await {
+                    tracing::warn!(error = %e, "reporting polar_unavailable failed");
                 }
                 tracing::error!(cause = %cause, paused_for_seconds = since.elapsed().as_secs(), "Polar unavailable: delivery paused");
             }
@@ -49,8 +40,8 @@ pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
                     after_seconds = since.elapsed().as_secs(),
                     "Polar answers again: delivery resumed"
                 );
-                if let Ok(c) = jobs.pool.get().await {
-                    let _ = c.query_one("SELECT meter.polar_available()", &[]).await;
+                if let Err(e) = polar_state::polar_available(&jobs.pool).await {
+                    tracing::warn!(error = %e, "reporting that Polar is available failed");
                 }
                 jobs.wake.all();
             }

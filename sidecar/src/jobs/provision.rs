@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use super::{JobError, Jobs};
 use crate::polar::client::OrgCustomer;
 use crate::polar::{Answer, Failure};
+use crate::store::customers;
 
 pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -38,33 +39,20 @@ pub async fn provision_due(jobs: &Jobs) -> Result<usize, JobError> {
         if jobs.health.is_paused() {
             return Ok(done);
         }
-        let orgs = {
-            let c = jobs.pool.get().await?;
-            c.query(
-                "SELECT org_id, action, polar_customer_id, name, email, owner_email, owner_name, owner_external_id,
-                        customer_version
-                 FROM meter.claim_provisioning(20, $1::text::interval)",
-                &[&jobs.lease_text()],
-            )
-            .await?
-        };
+        let orgs = customers::claim_provisioning(&jobs.pool, 20, jobs.s.lease).await?;
         if orgs.is_empty() {
             return Ok(done);
         }
         for o in orgs {
-            let (id, action, customer): (String, String, Option<String>) =
-                (o.get(0), o.get(1), o.get(2));
-            let (name, email): (String, Option<String>) = (o.get(3), o.get(4));
-            let (owner_email, owner_name, owner_ext): (
-                Option<String>,
-                Option<String>,
-                Option<String>,
-            ) = (o.get(5), o.get(6), o.get(7));
-            let version: i32 = o.get(8);
+            let id = &o.org_id;
             jobs.budget.acquire().await?;
-            let answer = match (action.as_str(), customer.as_deref()) {
-                ("update", Some(cid)) => {
-                    match polar.update_customer(cid, &name, email.as_deref()).await {
+            let action = if o.update { "update" } else { "create" };
+            let answer = match (o.update, o.polar_customer_id.as_deref()) {
+                (true, Some(cid)) => {
+                    match polar
+                        .update_customer(cid, &o.name, o.email.as_deref())
+                        .await
+                    {
                         Answer::Ok(r) => Answer::Ok(r.map(|()| cid.to_string())),
                         Answer::RateLimited(d) => Answer::RateLimited(d),
                         Answer::Failed(f) => Answer::Failed(f),
@@ -73,35 +61,32 @@ pub async fn provision_due(jobs: &Jobs) -> Result<usize, JobError> {
                 _ => {
                     polar
                         .create_customer(&OrgCustomer {
-                            id: &id,
-                            name: &name,
-                            email: email.as_deref(),
-                            owner_email: owner_email.as_deref(),
-                            owner_name: owner_name.as_deref(),
-                            owner_external_id: owner_ext.as_deref(),
+                            id,
+                            name: &o.name,
+                            email: o.email.as_deref(),
+                            owner_email: o.owner_email.as_deref(),
+                            owner_name: o.owner_name.as_deref(),
+                            owner_external_id: o.owner_external_id.as_deref(),
                         })
                         .await
                 }
             };
-            let c = jobs.pool.get().await?;
+            let pool = &jobs.pool;
             match answer {
                 Answer::Ok(Ok(cid)) => {
                     jobs.health.success();
-                    if action == "update" {
-                        c.query_one("SELECT meter.customer_synced($1, $2)", &[&id, &version])
-                            .await?;
+                    if o.update {
+                        customers::customer_synced(pool, id, o.customer_version).await?;
                         tracing::info!(organization_id = %id, polar_customer_id = %cid, "Polar customer updated");
                     } else {
-                        c.query_one("SELECT meter.customer_provisioned($1, $2)", &[&id, &cid])
-                            .await?;
+                        customers::customer_provisioned(pool, id, &cid).await?;
                         tracing::info!(organization_id = %id, polar_customer_id = %cid, "Polar customer provisioned");
                     }
                     done += 1;
                 }
                 Answer::Ok(Err(err)) => {
                     jobs.health.success();
-                    c.query_one("SELECT meter.provisioning_failed($1, $2)", &[&id, &err])
-                        .await?;
+                    customers::provisioning_failed(pool, id, &err).await?;
                     tracing::warn!(organization_id = %id, action, error = %err, "Polar refused the customer");
                 }
                 Answer::RateLimited(wait) => {
@@ -119,8 +104,7 @@ pub async fn provision_due(jobs: &Jobs) -> Result<usize, JobError> {
                     if jobs.polar_wide(&cause).await {
                         return Ok(done);
                     }
-                    c.query_one("SELECT meter.provisioning_failed($1, $2)", &[&id, &cause])
-                        .await?;
+                    customers::provisioning_failed(pool, id, &cause).await?;
                     tracing::warn!(organization_id = %id, action, error = %cause, "creating or updating the Polar customer failed");
                 }
             }

@@ -5,16 +5,19 @@
 //! An interrupted run resumes where it stopped. A failing Polar makes the
 //! run fail a try (reconcile_failed: bounded, then reconcile_failing); an
 //! unavailable Polar leaves it to its lease, tries untouched.
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{JobError, Jobs};
 use crate::polar::client::EventQuery;
+use crate::polar::events::timestamp;
 use crate::polar::{Answer, Failure};
+use crate::store::reconcile::{self as store, Listed, Pair};
 
 const PAGE: u64 = 100;
-const LEASE: &str = "5 minutes";
+const LEASE: Duration = Duration::from_secs(300);
 
 pub async fn run(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -99,10 +102,6 @@ where
     }
 }
 
-fn fmt(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
 /// Works one run (the oldest due, or `only`) to its verdict. Returns the
 /// result, or None when no run was due (or Polar is unavailable).
 pub async fn reconcile_next(
@@ -113,25 +112,15 @@ pub async fn reconcile_next(
     if jobs.health.is_paused() {
         return Ok(None);
     }
-    let run = {
-        let c = jobs.pool.get().await?;
-        c.query_opt(
-            "SELECT run_id, window_start, window_end, pages_done, mode FROM meter.claim_reconcile_run($1::text::interval, $2)",
-            &[&LEASE, &only],
-        )
-        .await?
+    let Some(run) = store::claim_reconcile_run(&jobs.pool, LEASE, only).await? else {
+        return Ok(None);
     };
-    let Some(run) = run else { return Ok(None) };
-    let (id, start, end, mode): (
-        i64,
-        chrono::DateTime<chrono::Utc>,
-        chrono::DateTime<chrono::Utc>,
-        String,
-    ) = (run.get(0), run.get(1), run.get(2), run.get(4));
+    let (id, mode) = (run.id, run.mode.as_str());
     // Polar's bounds are exclusive: a microsecond earlier makes [start, end).
-    let (from, to) = (fmt(start - chrono::Duration::microseconds(1)), fmt(end));
-    tracing::info!(run_id = id, window_start = %fmt(start), window_end = %to, mode, "reconciling");
-    match work(jobs, id, &mode, &from, &to, progress).await? {
+    let from = timestamp(run.window_start - chrono::Duration::microseconds(1));
+    let to = timestamp(run.window_end);
+    tracing::info!(run_id = id, window_start = %timestamp(run.window_start), window_end = %to, mode, "reconciling");
+    match work(jobs, id, mode, &from, &to, progress).await? {
         Ok(()) => {}
         Err(Stop::Paused) => {
             tracing::warn!(
@@ -141,11 +130,7 @@ pub async fn reconcile_next(
             return Ok(None);
         }
         Err(Stop::Failed(e) | Stop::TooLarge(e)) => {
-            let c = jobs.pool.get().await?;
-            let status: Option<String> = c
-                .query_one("SELECT meter.reconcile_failed($1, $2)", &[&id, &e])
-                .await?
-                .get(0);
+            let status = store::reconcile_failed(&jobs.pool, id, &e).await?;
             return Err(JobError::Retryable(format!(
                 "reconcile run {id}: {e} (now {})",
                 status.as_deref().unwrap_or("not running")
@@ -153,12 +138,7 @@ pub async fn reconcile_next(
         }
     }
     progress.step(&format!("run {id}: comparing"));
-    let result: Value = {
-        let c = jobs.pool.get().await?;
-        c.query_one("SELECT meter.reconcile_finish($1)", &[&id])
-            .await?
-            .get(0)
-    };
+    let result = store::reconcile_finish(&jobs.pool, id).await?;
     let (drift, missing, unexpected) = (
         result["drift"].as_i64().unwrap_or(0),
         result["missing_at_polar"]["count"].as_i64().unwrap_or(0),
@@ -188,40 +168,31 @@ async fn work(
         .as_ref()
         .expect("reconcile runs with a Polar client");
     if mode == "counts" {
-        let plan = {
-            let c = jobs.pool.get().await?;
-            c.query(
-                "SELECT organization_id, event_name, remote FROM meter.reconcile_count_plan($1)",
-                &[&id],
-            )
+        let todo: Vec<Pair> = store::reconcile_count_plan(&jobs.pool, id)
             .await?
-        };
-        let todo: Vec<(Option<String>, Option<String>)> = plan
-            .iter()
-            .filter(|r| r.get::<_, Option<i64>>(2).is_none())
-            .map(|r| (r.get(0), r.get(1)))
+            .into_iter()
+            .filter(|p| p.remote.is_none())
             .collect();
         let mut counted = Vec::new();
-        for (i, (org, name)) in todo.iter().enumerate() {
+        for (i, pair) in todo.iter().enumerate() {
             let q = EventQuery {
                 start: from,
                 end: to,
-                customer: org.as_deref(),
-                name: name.as_deref(),
+                customer: pair.organization_id.as_deref(),
+                name: pair.event_name.as_deref(),
             };
             let qr = &q;
             let n = match ask(jobs, move || polar.count_events(qr)).await? {
                 Ok(n) => n,
                 Err(stop) => return Ok(Err(stop)),
             };
-            counted.push(json!({"organization_id": org, "event_name": name, "remote": n}));
+            counted.push(Pair {
+                organization_id: pair.organization_id.clone(),
+                event_name: pair.event_name.clone(),
+                remote: Some(i64::try_from(n).unwrap_or(i64::MAX)),
+            });
             if counted.len() >= 50 || i + 1 == todo.len() {
-                let c = jobs.pool.get().await?;
-                c.query_one(
-                    "SELECT meter.reconcile_add_counts($1, $2)",
-                    &[&id, &Value::Array(std::mem::take(&mut counted))],
-                )
-                .await?;
+                store::reconcile_add_counts(&jobs.pool, id, &std::mem::take(&mut counted)).await?;
                 progress.step(&format!(
                     "run {id}: counted {} of {} pairs",
                     i + 1,
@@ -230,17 +201,9 @@ async fn work(
             }
         }
     }
-    let listings = {
-        let c = jobs.pool.get().await?;
-        c.query(
-            "SELECT organization_id, event_name, pages_done FROM meter.reconcile_list_plan($1)",
-            &[&id],
-        )
-        .await?
-    };
+    let listings = store::reconcile_list_plan(&jobs.pool, id).await?;
     for (n, l) in listings.iter().enumerate() {
-        let (org, name, done): (Option<String>, Option<String>, i32) =
-            (l.get(0), l.get(1), l.get(2));
+        let (org, name, done) = (&l.organization_id, &l.event_name, l.pages_done);
         let q = EventQuery {
             start: from,
             end: to,
@@ -249,7 +212,7 @@ async fn work(
         };
         let mut page = done as u64 + 1;
         loop {
-            let max_page = match list_page(jobs, id, &q, (&org, &name), page).await? {
+            let max_page = match list_page(jobs, id, &q, (org, name), page).await? {
                 Ok(m) => m,
                 Err(stop) => return Ok(Err(stop)),
             };
@@ -286,16 +249,11 @@ async fn list_page(
     page: u64,
 ) -> Result<Result<u64, Stop>, JobError> {
     let polar = jobs.polar.as_ref().expect("a Polar client");
-    let report = |items: Vec<Value>, as_page: u64| async move {
+    let report = |items: Vec<Listed>, as_page: u64| async move {
         if items.is_empty() {
             return Ok::<_, JobError>(());
         }
-        let c = jobs.pool.get().await?;
-        c.query_one(
-            "SELECT meter.reconcile_add_remote($1, $2, $3, $4, $5)",
-            &[&id, org, name, &(as_page as i32), &Value::Array(items)],
-        )
-        .await?;
+        store::reconcile_add_listed(&jobs.pool, id, (org, name), as_page as i32, &items).await?;
         Ok(())
     };
     let mut last_cause = String::new();

@@ -61,7 +61,7 @@ pub enum Ingest {
 }
 
 pub struct Page {
-    pub items: Vec<Value>,
+    pub items: Vec<crate::store::reconcile::Listed>,
     pub total_count: u64,
     pub max_page: u64,
 }
@@ -205,28 +205,7 @@ impl Client {
         self.metrics.polar_call(endpoint, outcome_class(status));
         let retry_after = (status == 429).then(|| retry_after(&resp));
         let body = read_bounded(resp, MAX_ANSWER_BYTES).await?;
-        let json: Option<Value> = serde_json::from_slice(&body).ok();
-        let text = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
-        match status {
-            429 => Ok((status, Value::Null, retry_after)),
-            200..=299 | 422 => match json {
-                Some(v) => Ok((status, v, None)),
-                None => Err(Failure::Systemic(format!(
-                    "Polar's API did not answer JSON (HTTP {status}): POLAR_API_URL may not be Polar"
-                ))),
-            },
-            300..=399 => Err(Failure::Systemic(format!(
-                "HTTP {status}: Polar's API redirected, and redirects are not followed (check POLAR_API_URL)"
-            ))),
-            401 | 403 => Err(Failure::Systemic(format!(
-                "Polar refused the token: HTTP {status}: {}",
-                text()
-            ))),
-            404 | 405 => Err(Failure::Systemic(format!(
-                "HTTP {status} for {endpoint}: POLAR_API_URL does not look like Polar's API"
-            ))),
-            _ => Err(Failure::Transient(format!("HTTP {status}: {}", text()))),
-        }
+        classify(endpoint, status, &body, retry_after)
     }
 
     /// One cheap authenticated call: the token works and the URL is Polar.
@@ -249,30 +228,14 @@ impl Client {
     }
 
     /// POST /v1/events/ingest with a body buffered whole (Polar needs a
-    /// Content-Length and refuses chunked uploads).
-    pub async fn ingest(&self, events: &[&Value]) -> Ingest {
-        let body = serde_json::to_vec(&json!({ "events": events })).expect("serialisable");
+    /// Content-Length and refuses chunked uploads): events serialised by
+    /// crate::polar::events::encode.
+    pub async fn ingest(&self, events: &[&[u8]]) -> Ingest {
         let req = self
             .req(reqwest::Method::POST, "/v1/events/ingest")
             .header("content-type", "application/json")
-            .body(body);
-        match self.call("POST /v1/events/ingest", req).await {
-            Err(f) => Ingest::Failed(f),
-            Ok((429, _, wait)) => Ingest::RateLimited(wait.unwrap_or(Duration::from_secs(1))),
-            Ok((422, v, _)) => Ingest::Invalid {
-                refused: refused_events(&v),
-                message: format!("HTTP 422: {}", summarize(&v)),
-            },
-            Ok((_, v, _)) => match (v["inserted"].as_u64(), v["duplicates"].as_u64().or(Some(0))) {
-                (Some(inserted), Some(duplicates)) => Ingest::Accepted {
-                    inserted,
-                    duplicates,
-                },
-                _ => Ingest::Failed(Failure::Systemic(
-                    "Polar's ingest answer has no counts: POLAR_API_URL may not be Polar".into(),
-                )),
-            },
-        }
+            .body(super::events::ingest_body(events));
+        ingest_answer(self.call("POST /v1/events/ingest", req).await)
     }
 
     /// Creates the org's team customer; on Polar's "external ID already
@@ -387,11 +350,18 @@ impl Client {
                 v["items"].as_array(),
                 v["pagination"]["total_count"].as_u64(),
             ) {
-                (Some(items), Some(total_count)) => Answer::Ok(Page {
-                    items: items.clone(),
-                    total_count,
-                    max_page: v["pagination"]["max_page"].as_u64().unwrap_or(0),
-                }),
+                (Some(items), Some(total_count)) => {
+                    match items.iter().map(super::events::listed).collect() {
+                        Ok(items) => Answer::Ok(Page {
+                            items,
+                            total_count,
+                            max_page: v["pagination"]["max_page"].as_u64().unwrap_or(0),
+                        }),
+                        // Polar answered, with something we cannot read:
+                        // this try fails, the run is tried again.
+                        Err(e) => Answer::Failed(Failure::Transient(e)),
+                    }
+                }
                 _ => Answer::Failed(Failure::Systemic(
                     "Polar's event list has no items or pagination".into(),
                 )),
@@ -406,6 +376,59 @@ impl Client {
             Answer::RateLimited(d) => Answer::RateLimited(d),
             Answer::Failed(f) => Answer::Failed(f),
         }
+    }
+}
+
+/// What an answer means, apart from the call: a 2xx, 422 or 429 to read
+/// (status, JSON, Retry-After), or a failure, systemic or transient.
+pub fn classify(
+    endpoint: &str,
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> Result<(u16, Value, Option<Duration>), Failure> {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let text = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+    match status {
+        429 => Ok((status, Value::Null, retry_after)),
+        200..=299 | 422 => match json {
+            Some(v) => Ok((status, v, None)),
+            None => Err(Failure::Systemic(format!(
+                "Polar's API did not answer JSON (HTTP {status}): POLAR_API_URL may not be Polar"
+            ))),
+        },
+        300..=399 => Err(Failure::Systemic(format!(
+            "HTTP {status}: Polar's API redirected, and redirects are not followed (check POLAR_API_URL)"
+        ))),
+        401 | 403 => Err(Failure::Systemic(format!(
+            "Polar refused the token: HTTP {status}: {}",
+            text()
+        ))),
+        404 | 405 => Err(Failure::Systemic(format!(
+            "HTTP {status} for {endpoint}: POLAR_API_URL does not look like Polar's API"
+        ))),
+        _ => Err(Failure::Transient(format!("HTTP {status}: {}", text()))),
+    }
+}
+
+/// What an ingest answer means (classified by `classify` first).
+pub fn ingest_answer(answer: Result<(u16, Value, Option<Duration>), Failure>) -> Ingest {
+    match answer {
+        Err(f) => Ingest::Failed(f),
+        Ok((429, _, wait)) => Ingest::RateLimited(wait.unwrap_or(Duration::from_secs(1))),
+        Ok((422, v, _)) => Ingest::Invalid {
+            refused: refused_events(&v),
+            message: format!("HTTP 422: {}", summarize(&v)),
+        },
+        Ok((_, v, _)) => match (v["inserted"].as_u64(), v["duplicates"].as_u64().or(Some(0))) {
+            (Some(inserted), Some(duplicates)) => Ingest::Accepted {
+                inserted,
+                duplicates,
+            },
+            _ => Ingest::Failed(Failure::Systemic(
+                "Polar's ingest answer has no counts: POLAR_API_URL may not be Polar".into(),
+            )),
+        },
     }
 }
 

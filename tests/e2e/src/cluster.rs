@@ -301,3 +301,21 @@ pub async fn customer_id(c: &Client, org: &str) -> Option<String> {
     .unwrap()
     .get(0)
 }
+
+/// A database made from template0 with the extension created at `version`
+/// (None: the default, i.e. current, version), and a DBA connection to it.
+pub async fn database_at(version: Option<&str>) -> (String, Client) {
+    let name = format!("up_{}", uuid::Uuid::new_v4().simple());
+    connect("postgres", "postgres")
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE template0"))
+        .await
+        .unwrap();
+    let c = connect(&name, "postgres").await;
+    let create = match version {
+        Some(v) => format!("CREATE EXTENSION polar_meter VERSION '{v}'"),
+        None => "CREATE EXTENSION polar_meter".into(),
+    };
+    c.batch_execute(&create).await.unwrap();
+    (name, c)
+}

@@ -13,7 +13,7 @@ pub fn repo_root() -> std::path::PathBuf {
         .unwrap()
 }
 
-fn target_dir() -> std::path::PathBuf {
+pub fn target_dir() -> std::path::PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(Into::into)
         .unwrap_or_else(|| repo_root().join("target"))
@@ -53,7 +53,12 @@ impl Sidecar {
 
     /// A sidecar with this DATABASE_URL (its role already made).
     pub async fn start_url(url: &str, env: &[(&str, &str)]) -> Sidecar {
-        let (child, listening, logs) = spawn_listening(sidecar_command(url, env)).await;
+        Self::start_binary(&binary("polar-meterd"), url, env).await
+    }
+
+    /// Another build of polar-meterd (an earlier release, for rolling upgrades).
+    pub async fn start_binary(bin: &std::path::Path, url: &str, env: &[(&str, &str)]) -> Sidecar {
+        let (child, listening, logs) = spawn_listening(sidecar_command(bin, url, env)).await;
         let scheme = if env.iter().any(|(k, _)| *k == "POLAR_METER_TLS_CERT") {
             "https"
         } else {
@@ -72,7 +77,7 @@ impl Sidecar {
     /// Runs polar-meterd serve expecting it to refuse to start; returns its
     /// exit status and everything it logged.
     pub async fn refused(url: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
-        let mut cmd = sidecar_command(url, env);
+        let mut cmd = sidecar_command(&binary("polar-meterd"), url, env);
         cmd.kill_on_drop(true);
         let out = tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
             .await
@@ -167,8 +172,12 @@ pub async fn sidecar_role(db: &str, port: u16) -> String {
     role
 }
 
-fn sidecar_command(url: &str, env: &[(&str, &str)]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(binary("polar-meterd"));
+fn sidecar_command(
+    bin: &std::path::Path,
+    url: &str,
+    env: &[(&str, &str)],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin);
     cmd.arg("serve")
         .env_clear()
         .env("DATABASE_URL", url)

@@ -106,8 +106,8 @@ async fn numbers_are_judged_as_stored_and_claims_are_bounded_by_bytes() {
     let (claimed, bytes): (i64, i64) = {
         let r = sidecar
             .query_one(
-                "SELECT count(*), coalesce(sum(octet_length(payload::text)), 0)::bigint
-                 FROM meter.claim_events('acme', 1000, '1 minute')",
+                "SELECT count(*), coalesce(sum(octet_length(metadata::text) + 256), 0)::bigint
+                 FROM meter.claim_delivery('acme', 1000, '1 minute')",
                 &[],
             )
             .await
@@ -522,15 +522,15 @@ async fn the_sidecar_role_can_ask_only_for_bounded_things() {
     let big = json!({"x": "y".repeat(100_000)});
     for (sql, code) in [
         (
-            "SELECT * FROM meter.claim_events('acme', 1000, '1000 years')",
+            "SELECT * FROM meter.claim_delivery('acme', 1000, '1000 years')",
             "PM050",
         ),
         (
-            "SELECT * FROM meter.claim_events('acme', 1000, '11 minutes')",
+            "SELECT * FROM meter.claim_delivery('acme', 1000, '11 minutes')",
             "PM050",
         ),
         (
-            "SELECT * FROM meter.claim_events('acme', 100000, '1 minute')",
+            "SELECT * FROM meter.claim_delivery('acme', 100000, '1 minute')",
             "PM050",
         ),
         (

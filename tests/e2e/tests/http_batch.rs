@@ -24,6 +24,18 @@ async fn batch(side: &Sidecar, key: &str, body: &Value) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
+async fn batch_raw(side: &Sidecar, key: &str, body: &str) -> (u16, Value) {
+    let r = http()
+        .post(side.url("/api/v1/meter/batch"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
 fn item(k: &str, name: &str, n: i64) -> Value {
     json!({"idempotency_key": k, "event_name": name, "event_timestamp": "2026-01-01T00:00:00Z", "metadata": {"n": n}})
 }
@@ -152,7 +164,30 @@ async fn a_bad_envelope_is_refused_whole() {
         .send()
         .await
         .unwrap();
-    assert_eq!(dup.status(), 400, "an ambiguous body is refused");
+    // An ambiguous item is refused alone, naming the field found twice.
+    assert_eq!(dup.status(), 202);
+    let v: Value = dup.json().await.unwrap();
+    assert_eq!(
+        v["results"][0]["problem"]["type"],
+        "https://polar-meter.dev/problems/invalid-idempotency-key",
+        "{v}"
+    );
+    assert!(
+        v["results"][0]["problem"]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("idempotency_key appears twice"),
+        "{v}"
+    );
+    // The envelope is the request's: "events" twice is refused whole.
+    let (status, v) = batch_raw(
+        &side,
+        &key,
+        r#"{"events": [], "events": [{"idempotency_key": "z", "event_name": "e", "event_timestamp": "2026-01-01T00:00:00Z"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["type"], "https://polar-meter.dev/problems/malformed-body");
     // Key errors are the whole request's too.
     let (status, _) = batch(&side, "ak_nope", &json!({"events": [item("a", "e", 1)]})).await;
     assert_eq!(status, 401);

@@ -93,9 +93,12 @@ async fn every_error_has_its_status_and_type() {
     #[rustfmt::skip]
     let cases: Vec<Case> = vec![
         (Some(&key), Some(idem()), b"{not json".to_vec(), 400, "malformed-body", ""),
-        (Some(&key), Some(idem()), br#"{"event_name":"a"}"#.to_vec(), 400, "malformed-body", ""),
-        (Some(&key), Some(idem()), with(&|v| v["event_timestamp"] = json!(17)), 400, "malformed-body", "event_timestamp"),
-        (Some(&key), Some(idem()), with(&|v| v["surprise"] = json!(1)), 400, "malformed-body", "surprise"),
+        (Some(&key), Some(idem()), br#"{"event_name":"a"}"#.to_vec(), 400, "invalid-timestamp", "event_timestamp"),
+        (Some(&key), Some(idem()), with(&|v| v["event_timestamp"] = json!(17)), 400, "invalid-timestamp", "event_timestamp"),
+        (Some(&key), Some(idem()), with(&|v| v["surprise"] = json!(1)), 400, "invalid-event", "surprise"),
+        (Some(&key), Some(idem()), b"[1]".to_vec(), 400, "invalid-event", "object"),
+        (Some(&key), Some(idem()), br#"{"event_name":"a","event_name":"b","event_timestamp":"2026-01-01T00:00:00Z"}"#.to_vec(), 400, "invalid-event-name", "event_name"),
+        (Some(&key), Some(idem()), br#"{"event_name":"a","event_timestamp":"2026-01-01T00:00:00Z","metadata":{"k":1,"k":2}}"#.to_vec(), 400, "invalid-metadata", "metadata.k"),
         (Some(&key), None, body(&good), 400, "invalid-idempotency-key", ""),
         (Some(&key), Some(long_idem), body(&good), 400, "invalid-idempotency-key", ""),
         (Some(&key), Some(idem()), with(&|v| v["event_name"] = json!("n".repeat(129))), 400, "invalid-event-name", "event_name"),
@@ -201,4 +204,76 @@ async fn every_error_has_its_status_and_type() {
     // None of the refused requests left a row; only the one 202 did.
     let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
     assert_eq!(n, 1);
+}
+
+/// A JSON body as sent, with the key; the answer's JSON.
+async fn post(r: reqwest::RequestBuilder, key: &str, body: String) -> Value {
+    r.bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// One rule, one answer: an event refused by POST /api/v1/meter gets the
+/// same problem type and detail as the same event inside a batch, where it
+/// is refused alone and its neighbour is recorded.
+#[tokio::test]
+async fn the_same_event_gets_the_same_answer_from_both_endpoints() {
+    let (db, pg, key) = TestDb::acme().await;
+    let side = Sidecar::start(&db, &[]).await;
+    let ts = "2026-01-01T00:00:00Z";
+    let events: Vec<&str> = vec![
+        r#"{"event_name":17,"event_timestamp":"2026-01-01T00:00:00Z"}"#,
+        r#"{"event_name":"a"}"#,
+        r#"{"event_name":"a","event_timestamp":"yesterday"}"#,
+        r#"{"event_name":"a","event_timestamp":"2026-01-01T00:00:00Z","colour":"red"}"#,
+        r#"{"event_name":"a","event_timestamp":"2026-01-01T00:00:00Z","metadata":{"deep":{"x":1}}}"#,
+        r#"{"event_name":"a","event_timestamp":"2026-01-01T00:00:00Z","metadata":{"k":"a\u0000b"}}"#,
+        r#"{"event_name":"a","event_timestamp":"2026-01-01T00:00:00Z","metadata":{"n":1e400}}"#,
+        r#"{"event_name":"a","event_name":"b","event_timestamp":"2026-01-01T00:00:00Z"}"#,
+        r#"{"event_name":"a","event_timestamp":"2026-01-01T00:00:00Z","metadata":{"k":1,"k":1}}"#,
+        r#""not an object""#,
+    ];
+    for (n, e) in events.iter().enumerate() {
+        let single = post(
+            http()
+                .post(side.url("/api/v1/meter"))
+                .header("idempotency-key", format!("s{n}")),
+            &key,
+            e.to_string(),
+        )
+        .await;
+        // In a batch the key travels in the item.
+        let item = match serde_json::from_str::<Value>(e) {
+            Ok(Value::Object(_)) => e.replacen('{', &format!(r#"{{"idempotency_key":"b{n}","#), 1),
+            _ => e.to_string(),
+        };
+        let good =
+            format!(r#"{{"idempotency_key":"ok{n}","event_name":"a","event_timestamp":"{ts}"}}"#);
+        let batch = post(
+            http().post(side.url("/api/v1/meter/batch")),
+            &key,
+            format!(r#"{{"events":[{item},{good}]}}"#),
+        )
+        .await;
+        let problem = &batch["results"][0]["problem"];
+        assert_eq!(
+            single["type"], problem["type"],
+            "{e}: {single} against {batch}"
+        );
+        assert_eq!(single["detail"], problem["detail"], "{e}");
+        assert!(single["type"].as_str().unwrap().starts_with(T), "{single}");
+        assert_eq!(batch["results"][1]["status"], "recorded", "{e}: {batch}");
+    }
+    let n: i64 = pg.value("SELECT count(*) FROM meter.meter_event").await;
+    assert_eq!(
+        n,
+        events.len() as i64,
+        "only the good neighbours were recorded"
+    );
 }

@@ -18,7 +18,8 @@ async fn the_sidecar_role_executes_functions_but_touches_no_table() {
     // What it may do.
     let r = side
         .query_one(
-            "SELECT status FROM meter.record_event($1, 'p-1', 'api.request', now(), '{}')",
+            "SELECT status FROM meter.record_events($1, jsonb_build_array(jsonb_build_object(
+                 'idempotency_key', 'p-1', 'event_name', 'api.request', 'event_timestamp', now())))",
             &[&key],
         )
         .await
@@ -33,9 +34,21 @@ async fn the_sidecar_role_executes_functions_but_touches_no_table() {
     side.query("SELECT * FROM meter.due_organizations()", &[])
         .await
         .unwrap();
-    side.query("SELECT * FROM meter.claim_events('acme')", &[])
+    side.query("SELECT * FROM meter.claim_delivery('acme')", &[])
         .await
         .unwrap();
+
+    assert_eq!(
+        sqlstate(
+            side.query(
+                "SELECT * FROM meter.record_event($1, 'p-2', 'api.request', now(), '{}')",
+                &[&key]
+            )
+            .await
+        ),
+        "42501",
+        "what the sidecar never calls it is not granted"
+    );
 
     // What it may not: read any table (key hashes included), write any table,
     // or call management functions.

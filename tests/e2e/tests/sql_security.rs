@@ -71,8 +71,6 @@ fn calls(key: &str, admin_key: &str) -> Vec<(&'static str, String)> {
     let ts = "2026-01-01T00:00:00Z";
     vec![
         ("verify_api_key", format!("SELECT * FROM meter.verify_api_key('{key}', 'fence:meter')")),
-        ("record_event", format!("SELECT * FROM meter.record_event('{key}', 'a1', 'e', '{ts}'::text, '{{\"n\": 1}}')")),
-        ("record_event", format!("SELECT * FROM meter.record_event('{key}', 'a2', 'e', '{ts}'::timestamptz, '{{}}')")),
         ("record_events", format!(
             "SELECT * FROM meter.record_events('{key}', '[{{\"idempotency_key\":\"a3\",\"event_name\":\"e\",\"event_timestamp\":\"{ts}\"}}]')"
         )),
@@ -85,10 +83,11 @@ fn calls(key: &str, admin_key: &str) -> Vec<(&'static str, String)> {
         ("oldest_supported_sidecar", "SELECT meter.oldest_supported_sidecar()".into()),
         ("outbox_stats", "SELECT meter.outbox_stats()".into()),
         ("due_organizations", "SELECT * FROM meter.due_organizations(10)".into()),
+        ("claim_delivery", "SELECT * FROM meter.claim_delivery('acme', 1, '1 minute')".into()),
         ("claim_events", "SELECT * FROM meter.claim_events('acme', 1, '1 minute')".into()),
-        ("delivery_sent", "SELECT meter.delivery_sent('acme', b, ARRAY[e]) FROM (SELECT batch_id b, event_id e FROM meter.claim_events('acme', 1, '1 minute')) x".into()),
-        ("delivery_deferred", "SELECT meter.delivery_deferred('acme', b, ARRAY[e], '1 second') FROM (SELECT batch_id b, event_id e FROM meter.claim_events('acme', 1, '1 minute')) x".into()),
-        ("delivery_failed", "SELECT * FROM (SELECT batch_id b, event_id e FROM meter.claim_events('acme', 1, '1 minute')) x, meter.delivery_failed('acme', b, ARRAY[e], 'boom') f".into()),
+        ("delivery_sent", "SELECT meter.delivery_sent('acme', b, ARRAY[e]) FROM (SELECT batch_id b, event_id e FROM meter.claim_delivery('acme', 1, '1 minute')) x".into()),
+        ("delivery_deferred", "SELECT meter.delivery_deferred('acme', b, ARRAY[e], '1 second') FROM (SELECT batch_id b, event_id e FROM meter.claim_delivery('acme', 1, '1 minute')) x".into()),
+        ("delivery_failed", "SELECT * FROM (SELECT batch_id b, event_id e FROM meter.claim_delivery('acme', 1, '1 minute')) x, meter.delivery_failed('acme', b, ARRAY[e], 'boom') f".into()),
         ("delivery_unconfirmed", "SELECT * FROM meter.delivery_unconfirmed('acme', gen_random_uuid(), ARRAY[gen_random_uuid()], 'odd')".into()),
         ("delivery_rejected", "SELECT meter.delivery_rejected('acme', gen_random_uuid(), ARRAY[gen_random_uuid()], 'no')".into()),
         ("delivery_too_early", "SELECT meter.delivery_too_early('acme', gen_random_uuid(), ARRAY[gen_random_uuid()], 'future')".into()),
@@ -107,6 +106,7 @@ fn calls(key: &str, admin_key: &str) -> Vec<(&'static str, String)> {
         ("reconcile_add_counts", "SELECT meter.reconcile_add_counts(r, '[{\"organization_id\": null, \"event_name\": null, \"remote\": 0}]') FROM (SELECT run_id r FROM meter.claim_reconcile_run('1 minute', NULL)) x".into()),
         ("reconcile_list_plan", "SELECT * FROM (SELECT run_id r FROM meter.claim_reconcile_run('1 minute', NULL)) x, meter.reconcile_list_plan(r) p".into()),
         ("reconcile_add_remote", "SELECT meter.reconcile_add_remote(r, NULL, NULL, 1, '[]') FROM (SELECT run_id r FROM meter.claim_reconcile_run('1 minute', NULL)) x".into()),
+        ("reconcile_add_listed", "SELECT meter.reconcile_add_listed(r, NULL, NULL, 1, ARRAY['p1'], ARRAY['acme'], ARRAY[gen_random_uuid()], ARRAY['e'], ARRAY[now()]) FROM (SELECT run_id r FROM meter.claim_reconcile_run('1 minute', NULL)) x".into()),
         ("reconcile_finish", "SELECT meter.reconcile_finish(r) FROM (SELECT run_id r FROM meter.claim_reconcile_run('1 minute', NULL)) x".into()),
         ("reconcile_failed", "SELECT meter.reconcile_failed(r, 'no') FROM (SELECT run_id r FROM meter.claim_reconcile_run('1 minute', NULL)) x".into()),
         ("claim_alerts", "SELECT * FROM meter.claim_alerts(10, '1 minute')".into()),
@@ -281,13 +281,14 @@ async fn polar_meter_settings(c: &Client) -> Vec<String> {
 }
 
 async fn record_future(c: &Client, key: &str, idem: &str, ts: &str) -> String {
-    sqlstate(
-        c.query_one(
-            "SELECT * FROM meter.record_event($1, $2, 'e', $3::text)",
-            &[&key, &idem, &ts],
-        )
-        .await,
+    c.query_one(
+        "SELECT coalesce(sqlstate, status) FROM meter.record_events($1, jsonb_build_array(
+             jsonb_build_object('idempotency_key', $2::text, 'event_name', 'e', 'event_timestamp', $3::text)))",
+        &[&key, &idem, &ts],
     )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 #[tokio::test]

@@ -5,30 +5,13 @@
 //! the previous release's catalog must also keep working on this library
 //! until it is upgraded (extension/src/compat.rs).
 use pm_e2e::Value1;
-use pm_e2e::{connect, sqlstate};
+use pm_e2e::{connect, database_at, sqlstate};
 use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 /// The release whose GUCs and global audit chain the records test upgrades.
 const PREVIOUS: &str = "0.2.0";
 const RELEASES: [&str; 3] = ["0.1.0", "0.2.0", "0.3.0"];
-
-/// A database without the extension, created with it at `version` (None:
-/// the default, i.e. current, version).
-async fn database_with(version: Option<&str>) -> (String, Client) {
-    let name = format!("up_{}", uuid::Uuid::new_v4().simple());
-    connect("postgres", "postgres")
-        .await
-        .run(&format!("CREATE DATABASE {name} TEMPLATE template0"))
-        .await;
-    let c = connect(&name, "postgres").await;
-    let create = match version {
-        Some(v) => format!("CREATE EXTENSION polar_meter VERSION '{v}'"),
-        None => "CREATE EXTENSION polar_meter".into(),
-    };
-    c.run(&create).await;
-    (name, c)
-}
 
 /// Everything the extension consists of in one database, as text lines:
 /// each member object with its definition, comment and privileges, and the
@@ -79,7 +62,7 @@ async fn catalog(c: &Client) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn every_release_upgrades_to_exactly_a_fresh_install() {
-    let (_, fresh) = database_with(None).await;
+    let (_, fresh) = database_at(None).await;
     let want = catalog(&fresh).await;
     assert!(
         want.len() > 100,
@@ -87,7 +70,7 @@ async fn every_release_upgrades_to_exactly_a_fresh_install() {
         want.len()
     );
     for release in RELEASES {
-        let (_, upgraded) = database_with(Some(release)).await;
+        let (_, upgraded) = database_at(Some(release)).await;
         let before = catalog(&upgraded).await;
         upgraded.run("ALTER EXTENSION polar_meter UPDATE").await;
         let version: String = upgraded.value("SELECT meter.extension_version()").await;
@@ -108,7 +91,7 @@ async fn every_release_upgrades_to_exactly_a_fresh_install() {
 
 #[tokio::test]
 async fn records_made_before_the_upgrade_keep_working_after_it() {
-    let (name, c) = database_with(Some(PREVIOUS)).await;
+    let (name, c) = database_at(Some(PREVIOUS)).await;
     c.run("INSERT INTO meter.organization (id, name) VALUES ('acme', 'Acme')")
         .await;
     let key: String = c

@@ -4,7 +4,7 @@
 use deadpool_postgres::Pool;
 use std::time::Duration;
 
-use crate::db::DbError;
+use crate::store::{polar_state, DbError};
 
 pub struct Budget {
     pool: Pool,
@@ -21,24 +21,15 @@ impl Budget {
 
     /// Waits for this sidecar's next slot.
     pub async fn acquire(&self) -> Result<(), DbError> {
-        let wait: f64 = {
-            let c = self.pool.get().await?;
-            c.query_one("SELECT meter.take_polar_slot($1)", &[&self.per_minute])
-                .await?
-                .get(0)
-        };
-        if wait > 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
+        let wait = polar_state::take_polar_slot(&self.pool, self.per_minute).await?;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         Ok(())
     }
 
     /// No sidecar calls Polar before `wait` from now (a 429's Retry-After).
     pub async fn pause(&self, wait: Duration) -> Result<(), DbError> {
-        let secs = format!("{} seconds", wait.as_secs_f64());
-        let c = self.pool.get().await?;
-        c.query_one("SELECT meter.pause_polar($1::text::interval)", &[&secs])
-            .await?;
-        Ok(())
+        polar_state::pause_polar(&self.pool, wait).await
     }
 }

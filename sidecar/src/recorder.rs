@@ -1,4 +1,5 @@
-//! Recording, over the extension's set-based meter.record_events.
+//! The recorder: events from HTTP requests into the extension's set-based
+//! meter.record_events (store::record), group-committed.
 //!
 //! Single-event requests are group-committed: requests with the same API key
 //! (so the same organization, and under Citus the same shard) queue up, and
@@ -11,20 +12,16 @@
 //! (POLAR_METER_MAX_PENDING_EVENTS, then 503).
 use deadpool_postgres::Pool;
 use polar_meter_rules::batch::MAX_EVENTS;
-use polar_meter_rules::sqlstate;
+use polar_meter_rules::sqlstate::{self, Violation};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
-use tokio_postgres::types::Json;
 
 use crate::db::DbError;
 use crate::metrics::Metrics;
 use crate::problem::Problem;
-
-const RECORD_EVENTS: &str =
-    "SELECT idx, status, event_id, sqlstate, message FROM meter.record_events($1::text, $2::jsonb)";
 
 /// Events that must be waiting before a second (third...) call for the same
 /// key starts, or goes on, while another is in flight: a call's fixed cost
@@ -107,32 +104,18 @@ impl Recorder {
 
     /// One meter.record_events call: a result per event, in order.
     async fn call(&self, key: &str, events: &[Value]) -> Result<Vec<Outcome>, DbError> {
-        let c = self.pool.get().await?;
-        let stmt = c.prepare_cached(RECORD_EVENTS).await?;
-        // Json serialises the borrowed events: no copy of a batch is made.
-        let rows = c.query(&stmt, &[&key, &Json(events)]).await?;
-        if rows.len() != events.len() {
-            return Err(DbError::Internal(format!(
-                "record_events answered {} rows for {} events",
-                rows.len(),
-                events.len()
-            )));
-        }
+        let rows = crate::store::record::record_events(&self.pool, key, events).await?;
         Ok(rows
-            .iter()
-            .map(|r| {
-                let status: String = r.get(1);
-                match r.get::<_, Option<uuid::Uuid>>(2) {
-                    Some(event_id) if status != "error" => Ok(Recorded { status, event_id }),
-                    _ => {
-                        let code: Option<String> = r.get(3);
-                        let message: Option<String> = r.get(4);
-                        Err(Problem::from_sql(
-                            code.as_deref().unwrap_or("XX000"),
-                            message.as_deref().unwrap_or(""),
-                        ))
-                    }
-                }
+            .into_iter()
+            .map(|r| match r.event_id {
+                Some(event_id) if r.status != "error" => Ok(Recorded {
+                    status: r.status,
+                    event_id,
+                }),
+                _ => Err(Problem::from_sql(
+                    r.sqlstate.as_deref().unwrap_or("XX000"),
+                    r.message.as_deref().unwrap_or(""),
+                )),
             })
             .collect())
     }
@@ -143,19 +126,22 @@ impl Recorder {
     /// still fails as a whole for a reason that is not the same for every
     /// item, each item is tried alone, until an error that is the same for
     /// every item (the key, an outage) answers all that are left.
-    pub async fn record(&self, key: &str, events: Vec<Value>) -> Vec<Outcome> {
-        let mut out: Vec<Option<Outcome>> = events
-            .iter()
-            .map(|ev| {
-                polar_meter_rules::batch::unstorable(ev)
-                    .map(|v| Err(Problem::from_sql(v.sqlstate, &v.message)))
-            })
-            .collect();
-        let (slots, storable): (Vec<usize>, Vec<Value>) = events
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| out[*i].is_none())
-            .unzip();
+    /// `events` are as parsed: an item the request's parser refused (a key
+    /// found twice) is answered with its violation like any other.
+    pub async fn record(&self, key: &str, events: Vec<Result<Value, Violation>>) -> Vec<Outcome> {
+        let refused = |v: Violation| Some(Err(Problem::from_sql(v.sqlstate, &v.message)));
+        let mut out: Vec<Option<Outcome>> = Vec::with_capacity(events.len());
+        let (mut slots, mut storable) = (Vec::new(), Vec::new());
+        for (i, ev) in events.into_iter().enumerate() {
+            match ev.map(|ev| (polar_meter_rules::batch::unstorable(&ev), ev)) {
+                Err(v) | Ok((Some(v), _)) => out.push(refused(v)),
+                Ok((None, ev)) => {
+                    out.push(None);
+                    slots.push(i);
+                    storable.push(ev);
+                }
+            }
+        }
         let n = storable.len();
         if n > 0 {
             let results = match self.call(key, &storable).await {
@@ -270,7 +256,9 @@ impl Recorder {
             self.metrics
                 .group_commit_events
                 .fetch_add(events.len() as u64, Ordering::Relaxed);
-            let results = self.record(&key, events).await;
+            let results = self
+                .record(&key, events.into_iter().map(Ok).collect())
+                .await;
             self.pending.fetch_sub(answers.len(), Ordering::AcqRel);
             for (answer, r) in answers.into_iter().zip(results) {
                 let _ = answer.send(r);

@@ -7,12 +7,15 @@
 # a shallow clone lacks it: git fetch --unshallow). It builds in the shared
 # target directory, reusing every dependency already built; the workspace's
 # own polar-meterd is relinked afterwards, since both are uplifted to
-# target/debug/polar-meterd.
+# target/<profile>/polar-meterd.
+#   usage: scripts/compat-sidecar.sh [dev|perf]   (perf: for the paired benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RELEASE=0.3.0
 COMMIT=1a2a11506c5e3226a1c199ed6030cfd5a17181a9
-OUT=target/compat/polar-meterd-$RELEASE
+PROFILE=${1:-dev}
+DIR=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+OUT=target/compat/polar-meterd-$RELEASE$([ "$PROFILE" = dev ] || echo "-$PROFILE")
 if [ -x "$OUT" ] && "$OUT" --version 2>/dev/null | grep -q "^polar-meterd $RELEASE "; then
     exit 0
 fi
@@ -24,9 +27,9 @@ SRC=target/compat/src-$RELEASE
 rm -rf "$SRC"
 mkdir -p "$SRC"
 git archive "$COMMIT" | tar -x -C "$SRC"
-CARGO_TARGET_DIR="$PWD/target" cargo build --locked --manifest-path "$SRC/Cargo.toml" -p polar-meterd
-cp target/debug/polar-meterd "$OUT.tmp"
+CARGO_TARGET_DIR="$PWD/target" cargo build --locked --manifest-path "$SRC/Cargo.toml" --profile "$PROFILE" -p polar-meterd
+cp "target/$DIR/polar-meterd" "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 rm -rf "$SRC"
 touch sidecar/src/main.rs
-cargo build -p polar-meterd
+cargo build --profile "$PROFILE" -p polar-meterd

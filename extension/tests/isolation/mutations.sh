@@ -17,6 +17,7 @@ trap 'rm -rf "$OUT"; "${PSQL[@]}" -c "DROP DATABASE IF EXISTS pm_mutant" >/dev/n
 mutants=(
   "events_idempotent_race|meter._record_batch(text,uuid,jsonb)|s/ON CONFLICT ON CONSTRAINT meter_event_organization_id_idempotency_key_key DO NOTHING//"
   "outbox_claims|meter.claim_delivery(text,int,interval)|s/FOR UPDATE SKIP LOCKED/FOR UPDATE/"
+  "outbox_held|meter._held(text,uuid,uuid[])|s/ AND e.batch_id = _held.batch_id//"
   "keys_revoke_verify|meter._verify_api_key(text,text)|s/IF r.revoked_at IS NOT NULL THEN/IF false THEN/"
   "audit_sealer_writers|meter.seal_audit_chain(text,int)|s/WHERE a.organization_id = org_id AND a.row_hash IS NULL/& AND a.id > coalesce((SELECT max(z.id) FROM meter.audit_log z WHERE z.organization_id = org_id AND z.row_hash IS NOT NULL), 0)/"
 )

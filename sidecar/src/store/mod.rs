@@ -165,6 +165,7 @@ mod tests {
         let mut files = Vec::new();
         sources(&src, &mut files);
         let store = src.join("store");
+        // Statements, and the client calls that run them.
         let patterns = [
             "\"SELECT ",
             "\"LISTEN ",
@@ -176,21 +177,20 @@ mod tests {
             "c.query(",
             ".execute(",
         ];
+        // A schema-qualified name (meter.x), not a word ending in meter.
+        let qualified = |line: &str| {
+            line.match_indices("meter.").any(|(i, _)| {
+                !line[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+        };
         let mut found = Vec::new();
         for (path, text) in &files {
             if path.starts_with(&store) {
                 continue;
             }
             for (n, line) in code(text).lines().enumerate() {
-                // a schema-qualified name: meter.something, not polar-meter.dev
-                let qualified = line.match_indices("meter.").any(|(i, _)| {
-                    !line[..i]
-                        .ends_with(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                });
-                for p in patterns {
-                    if line.contains(p) || (qualified && p == patterns[0]) {
-                        found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
-                    }
+                if qualified(line) || patterns.iter().any(|p| line.contains(p)) {
+                    found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
                 }
             }
         }

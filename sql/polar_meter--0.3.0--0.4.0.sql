@@ -1672,18 +1672,24 @@ COMMENT ON FUNCTION meter.backoff_delay(int, double precision) IS
   'Wait after the attempts-th failed delivery: min(cap, base * 2^(attempts-1)) * (0.75 + 0.5 * jitter), jitter in [0,1) (default random(), so +/-25%). base = setting backoff_base (default 60 s), cap = backoff_cap (default 6 h): about 1, 2, 4, 8, 16, 32 minutes before attempts 2..7. Pass jitter => 0.5 for the exact midpoint.';
 
 CREATE OR REPLACE FUNCTION meter._held(org_id text, batch_id uuid, event_ids uuid[]) RETURNS uuid[]
-LANGUAGE sql
+LANGUAGE plpgsql
 VOLATILE
 AS $$
+DECLARE
+    v_held uuid[];
+BEGIN
     -- The outbox's safety rule: a report touches only the rows its batch
     -- still holds. A lease that ran out may have handed a row to another
     -- batch (or another sidecar), whose report is the one that counts. The
-    -- rows are locked until the reporting transaction ends.
-    SELECT coalesce(array_agg(h.id), '{}') FROM (
+    -- rows are locked until the reporting transaction ends. (PL/pgSQL: Citus
+    -- cannot plan a SQL function's parameters into a distributed query.)
+    SELECT coalesce(array_agg(h.id), '{}') INTO v_held FROM (
         SELECT e.id FROM meter.meter_event e
         WHERE e.organization_id = org_id AND e.id = ANY (event_ids) AND e.batch_id = _held.batch_id
           AND e.polar_status = 'in_flight'
-        FOR UPDATE) h
+        FOR UPDATE) h;
+    RETURN v_held;
+END
 $$;
 COMMENT ON FUNCTION meter._held(text, uuid, uuid[]) IS
   'Internal: which of event_ids the batch batch_id still holds (in flight under its lease), locked for the caller''s transaction. Every delivery_* report touches only these.';

@@ -44,6 +44,8 @@ bench: deps
 	tests/bench/batch.sh
 	tests/bench/sustained.sh max 600 24
 	tests/bench/drain.sh
+	tests/bench/claim.sh
+	tests/bench/sidecars.sh
 	tests/bench/reconcile.sh
 	tests/bench/citus.sh
 

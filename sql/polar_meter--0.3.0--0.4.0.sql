@@ -2176,7 +2176,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION meter.drain_meter_outbox() IS
-  'The pg_cron safety net (every 5 minutes): wakes the sidecars (NOTIFY meter_outbox), which claim and deliver, and runs check_delivery_health. Returns outbox_stats plus alerts_raised. Since 0.3 it claims nothing itself: only sidecars claim (claim_events).';
+  'The pg_cron safety net (every 5 minutes): wakes the sidecars (NOTIFY meter_outbox), which claim and deliver, and runs check_delivery_health. Returns outbox_stats plus alerts_raised. Since 0.3 it claims nothing itself: only sidecars claim (claim_delivery).';
 
 -- extension/src/lib.rs:55
 -- requires:
@@ -2218,7 +2218,8 @@ COMMENT ON FUNCTION meter.compute_drift(jsonb, jsonb) IS
 --     are listed event by event. A clean day costs one request per pair.
 --   full mode: every event of the window is listed (weekly, and on request:
 --     equal counts can hide one missing event paired with one unexpected).
--- Listed pages come back through reconcile_add_remote; reconcile_finish
+-- Listed pages come back through reconcile_add_listed (as typed arrays: the
+-- sidecar reads Polar's list format); reconcile_finish
 -- compares, heals, records the verdict and prunes the copy of Polar's events.
 
 CREATE OR REPLACE FUNCTION meter._reconcile_mode(mode text) RETURNS text

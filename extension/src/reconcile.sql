@@ -10,7 +10,8 @@
 --     are listed event by event. A clean day costs one request per pair.
 --   full mode: every event of the window is listed (weekly, and on request:
 --     equal counts can hide one missing event paired with one unexpected).
--- Listed pages come back through reconcile_add_remote; reconcile_finish
+-- Listed pages come back through reconcile_add_listed (as typed arrays: the
+-- sidecar reads Polar's list format); reconcile_finish
 -- compares, heals, records the verdict and prunes the copy of Polar's events.
 
 CREATE FUNCTION meter._reconcile_mode(mode text) RETURNS text

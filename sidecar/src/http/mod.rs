@@ -9,7 +9,7 @@
 //!     flow-control window: an eighth of the per-connection body budget;
 //!   - bodies being read: one byte budget, for the process, per client address
 //!     and per connection (budget.rs);
-//!   - the body: POLAR_METER_BODY_TIMEOUT_SECS (routes.rs), and the SQL a
+//!   - the body: POLAR_METER_BODY_TIMEOUT_SECS (routes/extract.rs), and the SQL a
 //!     request runs: the request pool's statement timeout and bounded wait.
 //!
 //! Headers and idleness are watched per connection (hyper's own header timer

@@ -48,7 +48,16 @@ pub(super) async fn read_json<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
     limit: usize,
 ) -> Result<T, Problem> {
-    parse_json(&read_body(app, req, limit).await?)
+    let body = read_body(app, req, limit).await?;
+    parse_json(&body.bytes)
+}
+
+/// A body as read, and its share of the body budget: held until the body
+/// is dropped, which its reader does once it is parsed (the parsed copy is
+/// the one that lives on).
+pub(super) struct Body {
+    pub(super) bytes: Vec<u8>,
+    _held: budget::Held,
 }
 
 /// Parses a JSON body; 400 naming the offending field's path.
@@ -68,12 +77,12 @@ pub(super) fn parse_json<T: for<'de> Deserialize<'de>>(buf: &[u8]) -> Result<T, 
 /// Reads a JSON body whole: 415 unless JSON, 413 past `limit` (checked
 /// against Content-Length up front and enforced while reading), 408 past the
 /// body deadline. The bytes count against the connection's body budget
-/// until read.
+/// until the Body is dropped.
 pub(super) async fn read_body(
     app: &App,
     req: Request<Incoming>,
     limit: usize,
-) -> Result<Vec<u8>, Problem> {
+) -> Result<Body, Problem> {
     let json = is_json(req.headers());
     let conn_budget = req.extensions().get::<ConnectionBudget>().cloned();
     let declared = req
@@ -118,10 +127,10 @@ pub(super) async fn read_body(
     let buf = tokio::time::timeout(deadline, read)
         .await
         .map_err(|_| Problem::body_timeout(deadline.as_secs()))??;
-    // The budget is held until the caller has parsed the bytes (a copy of
-    // them lives in the parsed value meanwhile): held up to here, at least.
-    drop(held);
-    Ok(buf)
+    Ok(Body {
+        bytes: buf,
+        _held: held,
+    })
 }
 
 /// Reads and drops what is left of a refused body, so that a client still

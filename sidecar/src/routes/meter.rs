@@ -36,9 +36,10 @@ pub(super) async fn meter(app: &App, req: Request<Incoming>) -> Handled {
             .to_string(),
     };
     let body = read_body(app, req, app.limits.max_body_bytes).await?;
-    let raw: &RawValue = serde_json::from_slice(&body)
+    let raw: &RawValue = serde_json::from_slice(&body.bytes)
         .map_err(|e| Problem::malformed_body(format!("body is not valid JSON: {e}")))?;
     let mut event = event(raw.get()).map_err(|v| Problem::from_sql(v.sqlstate, &v.message))?;
+    drop(body);
     // Not an object: the extension refuses it as it refuses such a batch item.
     if let Value::Object(fields) = &mut event {
         if fields.contains_key("idempotency_key") {
@@ -84,13 +85,13 @@ pub(super) async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
     };
     let body = read_body(app, req, app.limits.batch_max_body_bytes).await?;
     // serde would read a JSON array as the envelope's fields in order.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    if body.bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(Problem::malformed_body(
             "the body must be a JSON object {\"events\": [...]}",
         ));
     }
-    let body: Envelope = parse_json(&body)?;
-    let items: Option<Vec<&RawValue>> = body
+    let envelope: Envelope = parse_json(&body.bytes)?;
+    let items: Option<Vec<&RawValue>> = envelope
         .events
         .as_deref()
         .and_then(|e| serde_json::from_str(e.get()).ok());
@@ -103,6 +104,9 @@ pub(super) async fn meter_batch(app: &App, req: Request<Incoming>) -> Handled {
         .into_iter()
         .map(|raw| event(raw.get()))
         .collect();
+    // The parsed events are what lives on; the bytes give back their budget.
+    drop(envelope);
+    drop(body);
     let outcomes = app.recorder.record(&key, events).await;
     // A key error or an outage is the same for every item: answer it whole.
     if let Some(Err(p)) = outcomes.first() {
